@@ -1,0 +1,2 @@
+def convert(model, filter_fn=None):
+    raise NotImplementedError
