@@ -92,8 +92,8 @@ class _FusedConv2d(torch.autograd.Function):
             else:
                 if needs_x:
                     dx = ops.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, ctx.bn_training)
-                dgamma = sum_gx * invstd
-                dbeta = sum_g
+                dgamma = sum_gx * invstd if needs_gamma else None
+                dbeta = sum_g if needs_beta else None
         if needs_w:
             dw = ops.conv_wgrad(x, dy, weight.shape, stride, padding, scale, shift).to(weight.dtype)
         d_residual = dy if ctx.has_residual and ctx.needs_input_grad[4] else None
