@@ -1,0 +1,183 @@
+// Device helpers shared by the kernels: element types, 16-byte vectors, tensor-core MMA, reductions.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "launch.h"
+
+// Return the error of the last launch from a host launcher.
+#define PF_RETURN_IF_ERROR(expr)              \
+  do {                                        \
+    cudaError_t pf_err_ = (expr);             \
+    if (pf_err_ != cudaSuccess) return pf_err_; \
+  } while (0)
+#define PF_CHECK_LAUNCH() PF_RETURN_IF_ERROR(cudaGetLastError())
+
+namespace preact_fused {
+
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Element types. A 16-byte vector holds kVec<T> elements; float conversions are exact widening
+// and round-to-nearest-even narrowing.
+// ---------------------------------------------------------------------------------------------
+template <typename T> struct Elem;
+template <> struct Elem<float> { static constexpr int kVec = 4; };
+template <> struct Elem<__nv_bfloat16> { static constexpr int kVec = 8; };
+template <> struct Elem<__half> { static constexpr int kVec = 8; };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// 16-bit payload <-> float for the packed vectors.
+template <typename T> __device__ __forceinline__ float bits_to_float(uint32_t bits16);
+template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint32_t b) {
+  return __uint_as_float(b << 16);
+}
+template <> __device__ __forceinline__ float bits_to_float<__half>(uint32_t b) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+}
+template <typename T> __device__ __forceinline__ uint32_t float_to_bits(float v);
+template <> __device__ __forceinline__ uint32_t float_to_bits<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t float_to_bits<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+
+// Unpack a 16-byte vector into kVec floats (element i at the lower address first).
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& v, float (&f)[Elem<T>::kVec]) {
+  if constexpr (sizeof(T) == 4) {
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+  } else {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = bits_to_float<T>(w[i] & 0xffffu);
+      f[2 * i + 1] = bits_to_float<T>(w[i] >> 16);
+    }
+  }
+}
+
+// Pack kVec floats (rounded to T) into a 16-byte vector.
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float (&f)[Elem<T>::kVec]) {
+  uint4 v;
+  if constexpr (sizeof(T) == 4) {
+    v.x = __float_as_uint(f[0]); v.y = __float_as_uint(f[1]);
+    v.z = __float_as_uint(f[2]); v.w = __float_as_uint(f[3]);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = float_to_bits<T>(f[2 * i]) | (float_to_bits<T>(f[2 * i + 1]) << 16);
+    v.x = w[0]; v.y = w[1]; v.z = w[2]; v.w = w[3];
+  }
+  return v;
+}
+
+// Element i (a compile-time constant after unrolling) of a packed vector set to value rounded to T.
+template <typename T>
+__device__ __forceinline__ void set_elem(uint4& v, int i, float value) {
+  uint32_t bits, keep;
+  int word;
+  if constexpr (sizeof(T) == 4) {
+    bits = __float_as_uint(value);
+    keep = 0u;
+    word = i;
+  } else {
+    const int shift = (i & 1) * 16;
+    bits = float_to_bits<T>(value) << shift;
+    keep = ~(0xffffu << shift);
+    word = i >> 1;
+  }
+  switch (word) {
+    case 0: v.x = (v.x & keep) | bits; break;
+    case 1: v.y = (v.y & keep) | bits; break;
+    case 2: v.z = (v.z & keep) | bits; break;
+    default: v.w = (v.w & keep) | bits; break;
+  }
+}
+
+__device__ __forceinline__ uint4 zero_vec() { return make_uint4(0u, 0u, 0u, 0u); }
+
+__device__ __forceinline__ uint4 ldg_vec(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// The BN-ReLU activation, computed exactly as the reference does: multiply, round, add, round
+// (no fused multiply-add), so the dgrad mask recomputed later agrees bit for bit.
+__device__ __forceinline__ float bn_affine(float x, float scale, float shift) {
+  return __fadd_rn(__fmul_rn(x, scale), shift);
+}
+__device__ __forceinline__ float bn_relu(float x, float scale, float shift) {
+  return fmaxf(bn_affine(x, scale, shift), 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor cores: mma.sync m16n8k16, fp32 accumulators. Fragment ownership (lane l, g = l/4,
+// t = l%4): A regs {a0: (g, 2t..2t+1), a1: (g+8, 2t..), a2: (g, 2t+8..), a3: (g+8, 2t+8..)};
+// B regs {b0: (k 2t..2t+1, n g), b1: (k 2t+8.., n g)}; C {c0,c1: (g, 2t..2t+1), c2,c3: (g+8, ..)}.
+// Each 32-bit register holds two consecutive-k elements, the lower k in the low half.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(T) == 2) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+  }
+#else
+  __trap();  // the build targets sm_80 and newer only
+#endif
+}
+
+// ldmatrix .x4 .trans: lane l supplies the row address of matrix l/8, row l%8 (16 bytes each);
+// register q receives, of matrix q, the elements [2t][g] and [2t+1][g] (stored row-major), i.e.
+// the transposed fragment: a K-major ([k][m]) tile in shared memory read as the A or B operand.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Butterfly sum over the lanes that share (lane % group): every such lane gets the same total,
+// in a fixed order (deterministic).
+template <int kGroup>
+__device__ __forceinline__ float sum_over_lane_groups(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off >= kGroup; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+}  // namespace preact_fused

@@ -1,0 +1,47 @@
+// conv_fwd: y = conv(P(x), w) [+ residual], optional per-tile statistics of y as stored.
+#include "igemm.cuh"
+
+namespace preact_fused {
+
+template <typename T>
+static cudaError_t run_conv_fwd(const ConvFwdArgs& a, cudaStream_t stream) {
+  const ConvShape& s = a.s;
+  constexpr int kVec = Elem<T>::kVec;
+  IgemmParams<T> p{};
+  p.src = static_cast<const T*>(a.x);
+  p.src_h = s.h;
+  p.src_w = s.w;
+  p.src_c = s.cin;
+  p.row_h = s.ho;
+  p.row_w = s.wo;
+  p.rows = s.n * s.ho * s.wo;
+  p.kw = s.kw;
+  p.stride = s.stride;
+  p.pad = s.pad;
+  p.k = s.kh * s.kw * s.cin;
+  p.k_pad = a.k_pad;
+  p.wt = static_cast<const T*>(a.w_packed);
+  p.cols = s.cout;
+  p.tiles = ceil_div(p.rows, kTileRows);
+  p.col_tiles = ceil_div(p.cols, conv_tile_cols(p.cols));
+  p.a_scale = a.scale;
+  p.a_shift = a.shift;
+  p.a_vec = s.cin % kVec == 0 && aligned16(a.x);
+  p.out = static_cast<T*>(a.y);
+  p.residual = static_cast<const T*>(a.residual);
+  p.out_vec = s.cout % kVec == 0 && aligned16(a.y) && (a.residual == nullptr || aligned16(a.residual));
+  p.stats = a.partials;
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  return launch_igemm<T, false>(p, stream);
+}
+
+cudaError_t launch_conv_fwd(const ConvFwdArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat32: return run_conv_fwd<float>(a, stream);
+    case DType::kBFloat16: return run_conv_fwd<__nv_bfloat16>(a, stream);
+    case DType::kFloat16: return run_conv_fwd<__half>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace preact_fused
