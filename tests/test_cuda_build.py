@@ -1,0 +1,177 @@
+"""The compiled CUDA extension on a machine without a GPU: built, loadable, every op registered.
+
+CI builds the extension (``pip install --no-build-isolation -e .`` with nvcc and a CUDA build of
+torch) on CPU-only machines; these tests check what can be checked there: the library loads
+without a GPU and without initialising CUDA, each schema matches the reference's signature, the
+fake (meta) implementations give the shapes and strides the CUDA kernels produce, and a missing
+build or an unsupported dtype gives an error that says what to do.
+"""
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import preact_fused.cuda as cuda_backend
+from preact_fused import reference
+
+SCHEMAS = {
+    "conv_fwd": "preact_fused::conv_fwd(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, "
+                "Tensor? shift, Tensor? residual, bool want_stats) -> (Tensor, Tensor)",
+    "bn_stats": "preact_fused::bn_stats(Tensor x) -> Tensor",
+    "bn_finalize": "preact_fused::bn_finalize(Tensor partials, Tensor? weight, Tensor? bias, float eps, "
+                   "Tensor(a!)? running_mean, Tensor(b!)? running_var, float? momentum, "
+                   "Tensor? num_batches_tracked) -> (Tensor, Tensor, Tensor, Tensor)",
+    "conv_dgrad": "preact_fused::conv_dgrad(Tensor dy, Tensor weight, Tensor x, int stride, int padding, "
+                  "Tensor? scale, Tensor? shift, Tensor? mean) -> (Tensor, Tensor, Tensor)",
+    "conv_wgrad": "preact_fused::conv_wgrad(Tensor x, Tensor dy, int[] weight_shape, int stride, int padding, "
+                  "Tensor? scale, Tensor? shift) -> Tensor",
+    "bn_backward": "preact_fused::bn_backward(Tensor g, Tensor x, Tensor mean, Tensor invstd, Tensor scale, "
+                   "Tensor sum_g, Tensor sum_gx, bool training, Tensor? d_residual) -> Tensor",
+}
+
+
+def _build_expected() -> str | None:
+    """Why the extension may legitimately be absent here, or None when it must have been built."""
+    if os.environ.get("PREACT_FUSED_SKIP_CUDA_BUILD", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "PREACT_FUSED_SKIP_CUDA_BUILD is set: pure-Python install"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA support: pure-Python install"
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return "no nvcc on PATH and no CUDA_HOME: pure-Python install"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not cuda_backend.is_built():
+        reason = _build_expected()
+        if reason is not None:
+            pytest.skip(f"CUDA extension not built ({reason})")
+        pytest.fail(f"nvcc and a CUDA build of torch are present but: {cuda_backend._state['error']}")
+    return cuda_backend._load()
+
+
+def _run(code: str, **env) -> str:
+    full_env = dict(os.environ, **env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_import_is_lean():
+    """Importing the package (and the cuda backend module) neither loads the library nor CUDA."""
+    code = ("import sys, torch, preact_fused, preact_fused.cuda, preact_fused.backend\n"
+            "print('preact_fused._C' in sys.modules, torch.cuda.is_initialized())")
+    assert _run(code) == "False False"
+
+
+def test_extension_file_exists(ext):
+    assert os.path.isfile(ext.__file__), ext.__file__
+    assert os.path.dirname(ext.__file__) == os.path.dirname(cuda_backend.__file__)
+
+
+def test_loads_without_a_gpu(ext):
+    """Loading the library needs no GPU and does not initialise CUDA."""
+    code = ("import torch, preact_fused.cuda as c\n"
+            "c._load()\n"
+            "print(hasattr(torch.ops.preact_fused, 'conv_fwd'), torch.cuda.is_initialized())")
+    assert _run(code, CUDA_VISIBLE_DEVICES="") == "True False"
+
+
+def test_built_against_running_torch(ext):
+    running = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert (ext.torch_version_major, ext.torch_version_minor) == running
+    if torch.version.cuda is not None:
+        assert ext.cuda_runtime_version // 1000 == int(torch.version.cuda.split(".")[0])
+
+
+@pytest.mark.parametrize("name", cuda_backend.OPS)
+def test_schema_registered(ext, name):
+    op = getattr(torch.ops.preact_fused, name).default
+    assert str(op._schema) == SCHEMAS[name]
+    for key in ("CUDA", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"preact_fused::{name}", key), (name, key)
+
+
+@pytest.mark.parametrize("name", cuda_backend.OPS)
+def test_schema_matches_reference_signature(ext, name):
+    op = getattr(torch.ops.preact_fused, name).default
+    schema_args = [a.name for a in op._schema.arguments]
+    assert schema_args == list(inspect.signature(getattr(reference, name)).parameters)
+    assert list(inspect.signature(getattr(cuda_backend, name)).parameters) == schema_args
+
+
+def test_autograd_registered_for_conv_fwd(ext):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("preact_fused::conv_fwd", "Autograd")
+
+
+def _cl(shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
+
+
+def _assert_like(t, shape, dtype, channels_last):
+    assert tuple(t.shape) == shape and t.dtype == dtype
+    if channels_last:
+        assert t.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert t.is_contiguous()
+
+
+def test_fake_shapes_and_strides(ext):
+    """The fake implementations (used by torch.compile) give what the CUDA kernels allocate."""
+    ops = torch.ops.preact_fused
+    x, w = _cl((3, 17, 9, 9)), torch.empty(5, 17, 3, 3, device="meta", dtype=torch.bfloat16)
+    vec = torch.empty(17, device="meta")
+    y, partials = ops.conv_fwd(x, w, 2, 1, vec, vec, None, True)
+    _assert_like(y, (3, 5, 5, 5), torch.bfloat16, True)
+    _assert_like(partials, (3, (3 * 5 * 5 + 127) // 128, 5), torch.float32, False)
+    assert ops.conv_fwd(x, w, 2, 1, None, None, None, False)[1].shape == (3, 0, 5)
+    _assert_like(ops.bn_stats(_cl((2, 17, 70, 3))), (3, (2 * 70 * 3 + 127) // 128, 17), torch.float32, False)
+    outs = ops.bn_finalize(torch.empty(3, 4, 17, device="meta"), vec, vec, 1e-5, vec, vec, None,
+                           torch.empty((), dtype=torch.long, device="meta"))
+    assert [tuple(o.shape) for o in outs] == [(17,)] * 4
+    dy = _cl((3, 5, 5, 5))
+    g, sum_g, sum_gx = ops.conv_dgrad(dy, w, x, 2, 1, vec, vec, vec)
+    _assert_like(g, (3, 17, 9, 9), torch.bfloat16, True)
+    assert sum_g.shape == sum_gx.shape == (17,) and sum_g.dtype == torch.float32
+    assert ops.conv_dgrad(dy, w, x, 2, 1, None, None, None)[1].shape == (0,)
+    _assert_like(ops.conv_wgrad(x, dy, [5, 17, 3, 3], 2, 1, vec, vec), (5, 17, 3, 3), torch.float32, False)
+    _assert_like(ops.bn_backward(x, x, vec, vec, vec, vec, vec, True, x), (3, 17, 9, 9), torch.bfloat16, True)
+
+
+def test_unavailable_reasons(ext):
+    assert "CUDA devices only" in cuda_backend.unavailable_reason(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert cuda_backend.unavailable_reason(torch.device("cuda")) == "no CUDA device is available"
+
+
+def test_missing_build_says_how_to_build(monkeypatch):
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(cuda_backend, "_state", {"module": None, "error": None})
+    monkeypatch.setattr(cuda_backend.importlib, "import_module", missing)
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    assert "not built" in reason and "pip install --no-build-isolation -e ." in reason
+    with pytest.raises(cuda_backend.ExtensionUnavailable, match="pip install --no-build-isolation"):
+        cuda_backend.conv_fwd(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 1, 0)
+
+
+def test_mismatched_build_says_rebuild(monkeypatch):
+    class Stale:
+        torch_version_major, torch_version_minor, cuda_runtime_version = 1, 0, 11000
+
+    monkeypatch.setattr(cuda_backend, "_state", {"module": None, "error": None})
+    monkeypatch.setattr(cuda_backend.importlib, "import_module", lambda name: Stale)
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    assert "built against torch 1.0" in reason and "rebuild" in reason
+
+
+def test_float64_is_a_clear_error():
+    x = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        cuda_backend.conv_fwd(x, torch.zeros(2, 2, 1, 1, dtype=torch.float64), 1, 0)
