@@ -6,14 +6,21 @@
 // and launches on the current stream. No host synchronisation anywhere (CUDA-graph safe).
 // Where the reference returns None, the op returns an empty tensor; preact_fused/cuda.py maps it
 // back to None.
+// With PF_EMULATE (the CPU test build of tests/test_cuda_build.py) the same code registers CPU
+// implementations under the namespace preact_fused_emu, running the kernels in csrc/emulate/.
+#ifndef PF_EMULATE
 #include <Python.h>
+#endif
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
+#ifndef PF_EMULATE
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -36,6 +43,20 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;
 
+#ifdef PF_EMULATE
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+int multiprocessor_count() { return kEmulatedSMs; }
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return current_stream(); }
+int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+#endif
+
 DType dtype_of(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -50,7 +71,7 @@ DType dtype_of(const Tensor& t, const char* name) {
 
 void check_activation(const Tensor& t, const char* name, const Tensor& ref) {
   TORCH_CHECK(t.dim() == 4, "preact_fused: ", name, " must be 4-D [N, C, H, W], got shape ", t.sizes());
-  TORCH_CHECK(t.is_cuda(), "preact_fused cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_device(t), "preact_fused cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.device() == ref.device(), "preact_fused: ", name, " is on ", t.device(), " but the input is on ",
               ref.device());
 }
@@ -65,6 +86,16 @@ Tensor channel_vector(const Tensor& v, int64_t c, const char* name, const Tensor
   TORCH_CHECK(v.device() == ref.device(), "preact_fused: ", name, " is on ", v.device(), " but the input is on ",
               ref.device());
   return v.to(at::kFloat).contiguous();
+}
+
+// Uninitialised output or scratch; the emulation build fills it with NaN so that an element the
+// kernels fail to write shows up in the tests.
+Tensor new_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+#ifdef PF_EMULATE
+  if (t.is_floating_point()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+#endif
+  return t;
 }
 
 const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -115,7 +146,7 @@ std::tuple<Tensor, Tensor> conv_fwd(const Tensor& x_in, const Tensor& weight, in
               " does not match input channels ", x_in.size(1));
   TORCH_CHECK(scale_in.has_value() == shift_in.has_value(), "preact_fused: scale and shift go together");
   const DType dt = dtype_of(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const Tensor x = nhwc(x_in, x_in.scalar_type());
   const int64_t cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
   const int64_t ho = conv_out(x.size(2), kh, stride, padding), wo = conv_out(x.size(3), kw, stride, padding);
@@ -139,34 +170,34 @@ std::tuple<Tensor, Tensor> conv_fwd(const Tensor& x_in, const Tensor& weight, in
                 residual_in->sizes(), " does not match the output [", x.size(0), ", ", cout, ", ", ho, ", ", wo, "]");
     residual = nhwc(*residual_in, x.scalar_type());
   }
-  Tensor y = at::empty({x.size(0), cout, ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor y = new_tensor({x.size(0), cout, ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t tiles = want_stats ? (x.size(0) * ho * wo + kTileRows - 1) / kTileRows : 0;
-  Tensor partials = at::empty({3, tiles, cout}, x.options().dtype(at::kFloat));
+  Tensor partials = new_tensor({3, tiles, cout}, x.options().dtype(at::kFloat));
   a.x = x.data_ptr();
   a.scale = fptr(scale);
   a.shift = fptr(shift);
   a.residual = residual.defined() ? residual.data_ptr() : nullptr;
   a.y = y.data_ptr();
   a.partials = want_stats ? partials.data_ptr<float>() : nullptr;
-  PF_CHECK_CUDA(launch_conv_fwd(a, at::cuda::getCurrentCUDAStream().stream()));
+  PF_CHECK_CUDA(launch_conv_fwd(a, current_stream()));
   return {y, partials};
 }
 
 Tensor bn_stats(const Tensor& x_in) {
   check_activation(x_in, "x", x_in);
   const DType dt = dtype_of(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const Tensor x = nhwc(x_in, x_in.scalar_type());
   const int64_t rows = x.size(0) * x.size(2) * x.size(3), c = x.size(1);
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  Tensor partials = at::empty({3, tiles, c}, x.options().dtype(at::kFloat));
+  Tensor partials = new_tensor({3, tiles, c}, x.options().dtype(at::kFloat));
   BnStatsArgs a{};
   a.dtype = dt;
   a.x = x.data_ptr();
   a.rows = rows;
   a.c = static_cast<int>(c);
   a.partials = partials.data_ptr<float>();
-  PF_CHECK_CUDA(launch_bn_stats(a, at::cuda::getCurrentCUDAStream().stream()));
+  PF_CHECK_CUDA(launch_bn_stats(a, current_stream()));
   return partials;
 }
 
@@ -176,10 +207,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(const Tensor& partials_in
                                                        const OptTensor& num_batches_tracked) {
   TORCH_CHECK(partials_in.dim() == 3 && partials_in.size(0) == 3, "preact_fused: partials must be [3, T, C], got ",
               partials_in.sizes());
-  TORCH_CHECK(partials_in.is_cuda(), "preact_fused cuda backend: partials must be a CUDA tensor");
+  TORCH_CHECK(on_device(partials_in), "preact_fused cuda backend: partials must be a CUDA tensor");
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "preact_fused: running_mean and running_var go together");
-  const c10::cuda::CUDAGuard guard(partials_in.device());
+  const DeviceGuard guard(partials_in.device());
   const Tensor partials = partials_in.to(at::kFloat).contiguous();
   const int64_t c = partials.size(2);
   BnFinalizeArgs a{};
@@ -211,13 +242,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_finalize(const Tensor& partials_in
     }
   }
   const auto opts = partials.options();
-  Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts), scale = at::empty({c}, opts),
-         shift = at::empty({c}, opts);
+  Tensor mean = new_tensor({c}, opts), invstd = new_tensor({c}, opts), scale = new_tensor({c}, opts),
+         shift = new_tensor({c}, opts);
   a.mean = mean.data_ptr<float>();
   a.invstd = invstd.data_ptr<float>();
   a.scale = scale.data_ptr<float>();
   a.shift = shift.data_ptr<float>();
-  PF_CHECK_CUDA(launch_bn_finalize(a, at::cuda::getCurrentCUDAStream().stream()));
+  PF_CHECK_CUDA(launch_bn_finalize(a, current_stream()));
   if (update) {
     if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
     if (!rv.is_same(*running_var)) running_var->copy_(rv);
@@ -237,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_dgrad(const Tensor& dy_in, const Tensor&
               "preact_fused: weight shape ", weight.sizes(), " does not match dy ", dy_in.sizes(), " and x ",
               x_in.sizes());
   const DType dt = dtype_of(dy_in, "dy");
-  const c10::cuda::CUDAGuard guard(dy_in.device());
+  const DeviceGuard guard(dy_in.device());
   const Tensor dy = nhwc(dy_in, dy_in.scalar_type());
   const int64_t n = x_in.size(0), cin = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
   const int64_t cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
@@ -253,19 +284,19 @@ std::tuple<Tensor, Tensor, Tensor> conv_dgrad(const Tensor& dy_in, const Tensor&
   a.w_packed = wp.data_ptr();
   a.k_pad = static_cast<int>(wp.size(1));
   a.dy = dy.data_ptr();
-  Tensor g = at::empty({n, cin, h, w}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor g = new_tensor({n, cin, h, w}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   a.g = g.data_ptr();
   const bool bn = scale_in.has_value();
   Tensor x, scale, shift, mean, part;
-  Tensor sum_g = at::empty({bn ? cin : 0}, dy.options().dtype(at::kFloat));
-  Tensor sum_gx = at::empty({bn ? cin : 0}, dy.options().dtype(at::kFloat));
+  Tensor sum_g = new_tensor({bn ? cin : 0}, dy.options().dtype(at::kFloat));
+  Tensor sum_gx = new_tensor({bn ? cin : 0}, dy.options().dtype(at::kFloat));
   if (bn) {
     x = nhwc(x_in, dy.scalar_type());
     scale = channel_vector(*scale_in, cin, "scale", dy);
     shift = channel_vector(*shift_in, cin, "shift", dy);
     mean = channel_vector(*mean_in, cin, "mean", dy);
     const int64_t tiles = (n * h * w + kTileRows - 1) / kTileRows;
-    part = at::empty({2, tiles, cin}, dy.options().dtype(at::kFloat));
+    part = new_tensor({2, tiles, cin}, dy.options().dtype(at::kFloat));
     a.x = x.data_ptr();
     a.scale = scale.data_ptr<float>();
     a.shift = shift.data_ptr<float>();
@@ -274,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_dgrad(const Tensor& dy_in, const Tensor&
     a.sum_g = sum_g.data_ptr<float>();
     a.sum_gx = sum_gx.data_ptr<float>();
   }
-  PF_CHECK_CUDA(launch_conv_dgrad(a, at::cuda::getCurrentCUDAStream().stream()));
+  PF_CHECK_CUDA(launch_conv_dgrad(a, current_stream()));
   return {g, sum_g, sum_gx};
 }
 
@@ -288,7 +319,7 @@ Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, at::IntArrayRef weigh
               "preact_fused: weight_shape ", weight_shape, " does not match x ", x_in.sizes(), " and dy ",
               dy_in.sizes());
   const DType dt = dtype_of(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const Tensor x = nhwc(x_in, x_in.scalar_type());
   const Tensor dy = nhwc(dy_in, x_in.scalar_type());
   const int64_t cout = weight_shape[0], cin = weight_shape[1], kh = weight_shape[2], kw = weight_shape[3];
@@ -303,10 +334,10 @@ Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, at::IntArrayRef weigh
     scale = channel_vector(*scale_in, cin, "scale", x);
     shift = channel_vector(*shift_in, cin, "shift", x);
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = multiprocessor_count();
   a.splits = conv_wgrad_splits(a.s, dt, sms);
-  Tensor part = at::empty({a.splits, cout, kh * kw * cin}, x.options().dtype(at::kFloat));
-  Tensor dw = at::empty({cout, cin, kh, kw}, x.options().dtype(at::kFloat));
+  Tensor part = new_tensor({a.splits, cout, kh * kw * cin}, x.options().dtype(at::kFloat));
+  Tensor dw = new_tensor({cout, cin, kh, kw}, x.options().dtype(at::kFloat));
   a.x = x.data_ptr();
   a.dy = dy.data_ptr();
   a.scale = fptr(scale);
@@ -317,7 +348,7 @@ Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, at::IntArrayRef weigh
     dw.zero_();
     return dw;
   }
-  PF_CHECK_CUDA(launch_conv_wgrad(a, at::cuda::getCurrentCUDAStream().stream()));
+  PF_CHECK_CUDA(launch_conv_wgrad(a, current_stream()));
   return dw;
 }
 
@@ -328,7 +359,7 @@ Tensor bn_backward(const Tensor& g_in, const Tensor& x_in, const Tensor& mean, c
   check_activation(g_in, "g", x_in);
   TORCH_CHECK(g_in.sizes() == x_in.sizes(), "preact_fused: g shape ", g_in.sizes(), " != x shape ", x_in.sizes());
   const DType dt = dtype_of(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const Tensor x = nhwc(x_in, x_in.scalar_type());
   const Tensor g = nhwc(g_in, x_in.scalar_type());
   const int64_t c = x.size(1);
@@ -342,8 +373,8 @@ Tensor bn_backward(const Tensor& g_in, const Tensor& x_in, const Tensor& mean, c
   const Tensor mean_f = channel_vector(mean, c, "mean", x), invstd_f = channel_vector(invstd, c, "invstd", x),
                scale_f = channel_vector(scale, c, "scale", x), sum_g_f = channel_vector(sum_g, c, "sum_g", x),
                sum_gx_f = channel_vector(sum_gx, c, "sum_gx", x);
-  Tensor coef = at::empty({3, c}, x.options().dtype(at::kFloat));
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor coef = new_tensor({3, c}, x.options().dtype(at::kFloat));
+  Tensor dx = new_tensor(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   BnBackwardArgs a{};
   a.dtype = dt;
   a.g = g.data_ptr();
@@ -359,13 +390,11 @@ Tensor bn_backward(const Tensor& g_in, const Tensor& x_in, const Tensor& mean, c
   a.c = static_cast<int>(c);
   a.coef = coef.data_ptr<float>();
   a.dx = dx.data_ptr();
-  PF_CHECK_CUDA(launch_bn_backward(a, at::cuda::getCurrentCUDAStream().stream()));
+  PF_CHECK_CUDA(launch_bn_backward(a, current_stream()));
   return dx;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(preact_fused, m) {
+void define_ops(torch::Library& m) {
   m.def("conv_fwd(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, Tensor? shift, "
         "Tensor? residual, bool want_stats) -> (Tensor, Tensor)");
   m.def("bn_stats(Tensor x) -> Tensor");
@@ -379,7 +408,7 @@ TORCH_LIBRARY(preact_fused, m) {
         "bool training, Tensor? d_residual) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(preact_fused, CUDA, m) {
+void impl_ops(torch::Library& m) {
   m.impl("conv_fwd", &conv_fwd);
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_finalize", &bn_finalize);
@@ -388,8 +417,19 @@ TORCH_LIBRARY_IMPL(preact_fused, CUDA, m) {
   m.impl("bn_backward", &bn_backward);
 }
 
+}  // namespace
+
+#ifdef PF_EMULATE
+TORCH_LIBRARY(preact_fused_emu, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(preact_fused_emu, CPU, m) { impl_ops(m); }
+#else
+TORCH_LIBRARY(preact_fused, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(preact_fused, CUDA, m) { impl_ops(m); }
+#endif
+
 }  // namespace preact_fused
 
+#ifndef PF_EMULATE
 // `import preact_fused._C` loads the library (registering the ops above) and tells which torch
 // and CUDA it was built against.
 static struct PyModuleDef preact_fused_module = {PyModuleDef_HEAD_INIT, "_C",
@@ -407,3 +447,4 @@ PyMODINIT_FUNC PyInit__C(void) {
   }
   return module;
 }
+#endif  // PF_EMULATE

@@ -7,6 +7,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#ifdef PF_EMULATE
+#include "emulate/emu.h"
+#endif
 
 #include "launch.h"
 
@@ -17,6 +20,14 @@
     if (pf_err_ != cudaSuccess) return pf_err_; \
   } while (0)
 #define PF_CHECK_LAUNCH() PF_RETURN_IF_ERROR(cudaGetLastError())
+
+// Kernel launch; a template-id with commas goes in parentheses. With PF_EMULATE (the CPU test
+// build, csrc/emulate/) blocks run one after another with cooperative threads on the host.
+#ifdef PF_EMULATE
+#define PF_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)
+#else
+#define PF_LAUNCH(kernel, grid, block, stream, ...) (kernel)<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
 
 namespace preact_fused {
 
@@ -150,6 +161,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
   }
+#elif defined(PF_EMULATE)
+  ::emu::mma_16816<std::is_same<T, __nv_bfloat16>::value>(c, a, b);
 #else
   __trap();  // the build targets sm_80 and newer only
 #endif
@@ -164,6 +177,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#elif defined(PF_EMULATE)
+  ::emu::ldmatrix_x4_trans(r, smem_row);
 #else
   __trap();
 #endif

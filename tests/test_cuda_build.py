@@ -1,10 +1,11 @@
-"""The compiled CUDA extension on a machine without a GPU: built, loadable, every op registered.
+"""The CUDA extension on a machine without a GPU: built, loadable, registered, and its kernels emulated.
 
 CI builds the extension (``pip install --no-build-isolation -e .`` with nvcc and a CUDA build of
 torch) on CPU-only machines; these tests check what can be checked there: the library loads
 without a GPU and without initialising CUDA, each schema matches the reference's signature, the
 fake (meta) implementations give the shapes and strides the CUDA kernels produce, and a missing
-build or an unsupported dtype gives an error that says what to do.
+build or an unsupported dtype gives an error that says what to do. Last, the kernel sources
+themselves run on the CPU under a small emulator (csrc/emulate/) against the reference.
 """
 import inspect
 import os
@@ -17,6 +18,9 @@ import torch
 
 import preact_fused.cuda as cuda_backend
 from preact_fused import reference
+
+from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, check_bn_backward, check_bn_stats_finalize,
+                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs)
 
 SCHEMAS = {
     "conv_fwd": "preact_fused::conv_fwd(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, "
@@ -175,3 +179,105 @@ def test_float64_is_a_clear_error():
     x = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
         cuda_backend.conv_fwd(x, torch.zeros(2, 2, 1, 1, dtype=torch.float64), 1, 0)
+
+
+# ---- the kernels themselves, on the CPU ----------------------------------------------------------
+# csrc/ compiled with the host compiler against the emulator of csrc/emulate/ (blocks in turn,
+# threads as cooperative fibers, mma.sync / ldmatrix / shuffles per the PTX ISA): the kernels'
+# index arithmetic, tiling, masks, epilogues and split-K checked against the reference with the
+# shared contract checks. Not covered: hardware behaviour (timing, races the fibers cannot show).
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+EMU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Larger than the odd cases: several row tiles, column tiles of 64, stride 2, split-K.
+EMU_RESNET_CASES = [ConvCase(2, 3, 16, 32, 32, 3, 1), ConvCase(2, 16, 16, 32, 32, 3, 1),
+                    ConvCase(2, 32, 32, 32, 32, 3, 2), ConvCase(2, 128, 256, 16, 16, 1, 2),
+                    ConvCase(2, 64, 256, 8, 8, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def emulated_build(tmp_path_factory):
+    if not os.path.isdir(os.path.join(CSRC, "emulate")):
+        pytest.skip("csrc/ is not beside the tests")
+    if shutil.which("c++") is None:
+        pytest.skip("no host C++ compiler")
+    from torch.utils.cpp_extension import load
+    load(name="preact_fused_emu",
+         sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "emulate", "kernels.cpp")],
+         extra_include_paths=[os.path.join(CSRC, "emulate"), CSRC],
+         extra_cflags=["-DPF_EMULATE", "-O1", "-ffp-contract=off"],
+         build_directory=str(tmp_path_factory.mktemp("emulated_build")), is_python_module=False, with_cuda=False)
+    return torch.ops.preact_fused_emu
+
+
+@pytest.fixture
+def emu(emulated_build, monkeypatch):
+    """preact_fused.cuda's wrappers running the emulated kernels on CPU tensors."""
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: emulated_build)
+    return cuda_backend
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ODD_CASES, ids=str)
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=str)
+def test_emulated_conv_fwd(emu, case, dtype):
+    for i, (with_bn, with_residual, want_stats) in enumerate([(True, True, True), (False, False, False),
+                                                                (True, False, False), (False, True, True)]):
+        check_conv_fwd(emu, case, dtype, "cpu", LAYOUTS[i % 3], with_bn, with_residual, want_stats)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ODD_CASES, ids=str)
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=str)
+def test_emulated_conv_dgrad_wgrad(emu, case, dtype):
+    for i, with_bn in enumerate((True, False)):
+        check_conv_dgrad(emu, case, dtype, "cpu", LAYOUTS[i], with_bn)
+        check_conv_wgrad(emu, case, dtype, "cpu", LAYOUTS[i + 1], with_bn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EMU_RESNET_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_resnet_convs(emu, case, dtype):
+    with_bn = case.cin != 3
+    check_conv_fwd(emu, case, dtype, "cpu", "channels_last", with_bn, with_bn, True)
+    check_conv_dgrad(emu, case, dtype, "cpu", "channels_last", with_bn)
+    check_conv_wgrad(emu, case, dtype, "cpu", "channels_last", with_bn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_emulated_bn(emu, dtype, layout_name):
+    for momentum in (0.1, None):
+        check_bn_stats_finalize(emu, (3, 17, 9, 9), dtype, "cpu", layout_name, momentum=momentum)
+    check_bn_stats_finalize(emu, (1, 3, 7, 7), dtype, "cpu", layout_name, affine=False)
+    check_bn_stats_finalize(emu, (4, 64, 16, 16), dtype, "cpu", layout_name, offset=1000.0)
+    for case in ODD_CASES[:3]:
+        for training in (True, False):
+            check_bn_backward(emu, case, dtype, "cpu", layout_name, training, with_residual=True)
+            check_bn_backward(emu, case, dtype, "cpu", layout_name, training, with_residual=False)
+
+
+@pytest.mark.slow
+def test_emulated_conv_fwd_autograd(emu):
+    """conv_fwd's registered backward formula, run through the emulated dgrad / wgrad / bn_backward."""
+    case = ODD_CASES[1]
+    inputs = make_inputs(case, torch.float64, "cpu")
+    keys = ("x", "w", "scale", "shift", "residual")
+    leaves64 = {k: inputs[k].clone().requires_grad_() for k in keys}
+    leaves = {k: v.detach().float().requires_grad_() for k, v in leaves64.items()}
+    y64, _ = reference.conv_fwd(leaves64["x"], leaves64["w"], case.stride, case.padding, leaves64["scale"],
+                                leaves64["shift"], leaves64["residual"])
+    (y64 * inputs["dy"]).sum().backward()
+    ops = torch.ops.preact_fused_emu
+    t = {k: v.detach() for k, v in leaves.items()}
+    dy = inputs["dy"].float()
+    zero = torch.zeros_like(t["scale"])
+    g, sum_g, sum_gx = ops.conv_dgrad(dy, t["w"], t["x"], case.stride, case.padding, t["scale"], t["shift"], zero)
+    grads = {"x": ops.bn_backward(g, t["x"], zero, zero, t["scale"], sum_g, sum_gx, False, None),
+             "w": ops.conv_wgrad(t["x"], dy, list(t["w"].shape), case.stride, case.padding, t["scale"], t["shift"]),
+             "scale": sum_gx, "shift": sum_g, "residual": dy}
+    for k in keys:
+        want = leaves64[k].grad
+        assert (grads[k].double() - want).abs().max() <= 1e-4 * want.abs().max(), k

@@ -69,14 +69,14 @@ cudaError_t launch_bn_stats(const BnStatsArgs& a, cudaStream_t stream) {
   const dim3 block(32, 8);
   switch (a.dtype) {
     case DType::kFloat32:
-      bn_stats_kernel<float><<<grid, block, 0, stream>>>(static_cast<const float*>(a.x), a.rows, a.c, tiles, a.partials);
+      PF_LAUNCH(bn_stats_kernel<float>, grid, block, stream, static_cast<const float*>(a.x), a.rows, a.c, tiles, a.partials);
       break;
     case DType::kBFloat16:
-      bn_stats_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(a.x), a.rows, a.c,
-                                                                 tiles, a.partials);
+      PF_LAUNCH(bn_stats_kernel<__nv_bfloat16>, grid, block, stream, static_cast<const __nv_bfloat16*>(a.x), a.rows, a.c,
+                tiles, a.partials);
       break;
     case DType::kFloat16:
-      bn_stats_kernel<__half><<<grid, block, 0, stream>>>(static_cast<const __half*>(a.x), a.rows, a.c, tiles, a.partials);
+      PF_LAUNCH(bn_stats_kernel<__half>, grid, block, stream, static_cast<const __half*>(a.x), a.rows, a.c, tiles, a.partials);
       break;
   }
   return cudaGetLastError();
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(512) bn_finalize_kernel(BnFinalizeArgs a) {
 
 cudaError_t launch_bn_finalize(const BnFinalizeArgs& a, cudaStream_t stream) {
   if (a.c == 0) return cudaSuccess;
-  bn_finalize_kernel<<<ceil_div(a.c, 32), dim3(32, 16), 0, stream>>>(a);
+  PF_LAUNCH(bn_finalize_kernel, ceil_div(a.c, 32), dim3(32, 16), stream, a);
   return cudaGetLastError();
 }
 
@@ -225,7 +225,7 @@ static cudaError_t run_bn_backward(const BnBackwardArgs& a, const float* coef, c
   PF_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const long long cap = 8LL * (sms > 0 ? sms : 1);
   const long long blocks = (work + 255) / 256 < cap ? (work + 255) / 256 : cap;
-  bn_backward_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+  PF_LAUNCH(bn_backward_kernel<T>, static_cast<unsigned>(blocks), 256, stream,
       static_cast<const T*>(a.g), static_cast<const T*>(a.x), static_cast<const T*>(a.d_residual), coef, total, a.c, vec,
       static_cast<T*>(a.dx));
   return cudaGetLastError();
@@ -233,8 +233,8 @@ static cudaError_t run_bn_backward(const BnBackwardArgs& a, const float* coef, c
 
 cudaError_t launch_bn_backward(const BnBackwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0 || a.c == 0) return cudaSuccess;
-  bn_backward_coef_kernel<<<ceil_div(a.c, 128), 128, 0, stream>>>(a.mean, a.invstd, a.scale, a.sum_g, a.sum_gx,
-                                                                  a.training, static_cast<float>(a.rows), a.c, a.coef);
+  PF_LAUNCH(bn_backward_coef_kernel, ceil_div(a.c, 128), 128, stream, a.mean, a.invstd, a.scale, a.sum_g, a.sum_gx,
+            a.training, static_cast<float>(a.rows), a.c, a.coef);
   PF_CHECK_LAUNCH();
   switch (a.dtype) {
     case DType::kFloat32: return run_bn_backward<float>(a, a.coef, stream);

@@ -62,8 +62,8 @@ static cudaError_t run_conv_dgrad(const ConvDgradArgs& a, cudaStream_t stream) {
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;
   PF_RETURN_IF_ERROR((launch_igemm<T, true>(p, stream)));
   if (bn) {
-    tile_sums_kernel<<<dim3(ceil_div(s.cin, 32), 2), dim3(32, 16), 0, stream>>>(a.sum_partials, p.tiles, s.cin,
-                                                                               a.sum_g, a.sum_gx);
+    PF_LAUNCH(tile_sums_kernel, dim3(ceil_div(s.cin, 32), 2), dim3(32, 16), stream, a.sum_partials, p.tiles, s.cin,
+              a.sum_g, a.sum_gx);
     PF_CHECK_LAUNCH();
   }
   return cudaSuccess;

@@ -501,13 +501,13 @@ cudaError_t launch_igemm(const IgemmParams<T>& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.tiles) * static_cast<unsigned>(p.col_tiles));
   switch (conv_tile_cols(p.cols)) {
     case 16:
-      igemm_conv_kernel<T, 16, kDgrad><<<grid, 128, 0, stream>>>(p);
+      PF_LAUNCH((igemm_conv_kernel<T, 16, kDgrad>), grid, 128, stream, p);
       break;
     case 32:
-      igemm_conv_kernel<T, 32, kDgrad><<<grid, 128, 0, stream>>>(p);
+      PF_LAUNCH((igemm_conv_kernel<T, 32, kDgrad>), grid, 128, stream, p);
       break;
     default:
-      igemm_conv_kernel<T, 64, kDgrad><<<grid, 128, 0, stream>>>(p);
+      PF_LAUNCH((igemm_conv_kernel<T, 64, kDgrad>), grid, 128, stream, p);
       break;
   }
   return cudaGetLastError();

@@ -346,14 +346,14 @@ static cudaError_t run_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {
   if (p.kfwd == 0 || s.cout == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.kfwd, 64) * p.col_tiles), static_cast<unsigned>(a.splits));
   switch (bn) {
-    case 16: wgrad_kernel<T, 16><<<grid, 128, 0, stream>>>(p); break;
-    case 32: wgrad_kernel<T, 32><<<grid, 128, 0, stream>>>(p); break;
-    default: wgrad_kernel<T, 64><<<grid, 128, 0, stream>>>(p); break;
+    case 16: PF_LAUNCH((wgrad_kernel<T, 16>), grid, 128, stream, p); break;
+    case 32: PF_LAUNCH((wgrad_kernel<T, 32>), grid, 128, stream, p); break;
+    default: PF_LAUNCH((wgrad_kernel<T, 64>), grid, 128, stream, p); break;
   }
   PF_CHECK_LAUNCH();
   const long long total = static_cast<long long>(s.cout) * p.kfwd;
   const int blocks = static_cast<int>((total + 255) / 256 < 65535 ? (total + 255) / 256 : 65535);
-  wgrad_reduce_kernel<<<blocks, 256, 0, stream>>>(a.partials, a.splits, s.cout, s.cin, s.kh, s.kw, a.dw);
+  PF_LAUNCH(wgrad_reduce_kernel, blocks, 256, stream, a.partials, a.splits, s.cout, s.cin, s.kh, s.kw, a.dw);
   PF_CHECK_LAUNCH();
   return cudaSuccess;
 }

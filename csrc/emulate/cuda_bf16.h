@@ -1,0 +1,3 @@
+// Host stand-in for <cuda_bf16.h> in the CPU emulation build (PF_EMULATE); see emu.h.
+#pragma once
+#include "emu_runtime.h"
