@@ -52,7 +52,7 @@ int multiprocessor_count() { return kEmulatedSMs; }
 bool on_device(const Tensor& t) { return t.is_cpu(); }
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t current_stream() { return current_stream(); }
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 bool on_device(const Tensor& t) { return t.is_cuda(); }
 #endif
