@@ -3,6 +3,10 @@
 ``fused=False`` builds the same network from plain torch modules with identical state_dict keys,
 so a checkpoint loads into either. In the fused network the stem conv emits the statistics of its
 output and every unit hands (tensor, statistics partials) to the next; the head BN uses them too.
+
+``memory="min"`` recomputes every unit from its input in backward (only unit inputs are saved);
+``sync_bn=True`` makes every BatchNorm an ``nn.SyncBatchNorm`` (statistics of the global batch across
+the ranks of a process group; the fused path synchronises them itself, on CPU and GPU alike).
 """
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import bn_relu_conv2d, resolve_ops
-from .nn import PreActBasicBlock, PreActBottleneck
+from .autograd import batch_norm_params, bn_relu, bn_relu_conv2d, resolve_ops
+from .nn import PreActBasicBlock, PreActBottleneck, check_memory_mode
 
 CIFAR_DEPTHS = {110: (PreActBasicBlock, 18), 164: (PreActBottleneck, 18), 1001: (PreActBottleneck, 111)}
+# Any CIFAR depth of the paper's family, given the unit type: 6n+2 (basic) or 9n+2 (bottleneck).
+CIFAR_BLOCKS = {"basic": (PreActBasicBlock, 6), "bottleneck": (PreActBottleneck, 9)}
 IMAGENET_DEPTHS = {200: (PreActBottleneck, (3, 24, 36, 3))}
 
 
@@ -23,7 +29,8 @@ class PreActResNet(nn.Module):
     Input [N, 3, H, W] (NCHW or channels_last); output logits [N, num_classes].
     """
 
-    def __init__(self, block, blocks_per_stage, widths, strides, num_classes, stem, fused, backend):
+    def __init__(self, block, blocks_per_stage, widths, strides, num_classes, stem, fused, backend,
+                 memory="activations"):
         super().__init__()
         self.fused = fused
         self.backend = backend
@@ -32,7 +39,7 @@ class PreActResNet(nn.Module):
         stages = []
         for width, count, stride in zip(widths, blocks_per_stage, strides):
             for i in range(count):
-                stages.append(block(in_planes, width, stride if i == 0 else 1, fused, backend))
+                stages.append(block(in_planes, width, stride if i == 0 else 1, fused, backend, memory))
                 in_planes = width * block.expansion
         self.blocks = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(in_planes)
@@ -41,15 +48,26 @@ class PreActResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
+    @property
+    def memory(self) -> str:
+        """The units' memory mode, "activations" or "min"; settable."""
+        return self.blocks[0].memory
+
+    @memory.setter
+    def memory(self, mode: str) -> None:
+        check_memory_mode(mode)
+        for block in self.blocks:
+            block.memory = mode
+
     def forward(self, x):
         if self.fused:
             ops = resolve_ops(self.backend, x)
             h, partials = self.stem.fused(x, ops)
-            h = self.blocks((h, partials))[0]
+            h, partials = self.blocks((h, partials))
+            # The head BN-ReLU feeds a pooling, not a conv: folded like the others, saving h alone.
+            a = bn_relu(h, batch_norm_params(self.bn, h, partials, ops), ops)
         else:
-            h = self.blocks(self.stem(x))
-        # The head BN-ReLU is eager in both variants: it feeds a pooling, not a conv (one small map).
-        a = F.relu(self.bn(h))
+            a = F.relu(self.bn(self.blocks(self.stem(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(a, 1), 1))
 
 
@@ -80,23 +98,45 @@ class _ImageNetStem(nn.Module):
 
 
 def preact_resnet(depth: int, num_classes: int = 10, dataset: str = "cifar", fused: bool = True,
-                  backend: str = "auto") -> PreActResNet:
+                  backend: str = "auto", *, memory: str = "activations", block: str | None = None,
+                  sync_bn: bool = False, process_group=None) -> PreActResNet:
     """A pre-activation ResNet as in the paper.
 
     dataset="cifar": depth 110 (basic units), 164 or 1001 (bottleneck units); widths 16/32/64
-    (x4 for bottlenecks), stride 2 entering stages 2 and 3, 32x32 inputs.
+    (x4 for bottlenecks), stride 2 entering stages 2 and 3, 32x32 inputs. With ``block`` named
+    ("basic" or "bottleneck") any depth of the family: 6n+2 basic (20, 32, 56, ...) or 9n+2
+    bottleneck (11, 29, ...), n units per stage.
     dataset="imagenet": depth 200 (bottleneck units 3/24/36/3, widths 64..512 x4).
+    memory: "activations" (one saved tensor per triple) or "min" (units recomputed in backward).
+    sync_bn: use ``nn.SyncBatchNorm`` (over ``process_group``, default the whole world) everywhere.
     """
+    check_memory_mode(memory)
     if dataset == "cifar":
-        if depth not in CIFAR_DEPTHS:
-            raise ValueError(f"CIFAR pre-act ResNet depth must be one of {sorted(CIFAR_DEPTHS)}, got {depth}")
-        block, count = CIFAR_DEPTHS[depth]
-        return PreActResNet(block, (count,) * 3, (16, 32, 64), (1, 2, 2), num_classes,
-                            _CifarStem(16), fused, backend)
-    if dataset == "imagenet":
+        if block is not None:
+            if block not in CIFAR_BLOCKS:
+                raise ValueError(f"block must be one of {sorted(CIFAR_BLOCKS)}, got {block!r}")
+            unit, per = CIFAR_BLOCKS[block]
+            if depth < per + 2 or (depth - 2) % per:
+                raise ValueError(f"CIFAR pre-act ResNet depth with {block} units must be {per}n+2 "
+                                 f"(n >= 1), got {depth}")
+            count = (depth - 2) // per
+        elif depth in CIFAR_DEPTHS:
+            unit, count = CIFAR_DEPTHS[depth]
+        else:
+            raise ValueError(f"CIFAR pre-act ResNet depth must be one of {sorted(CIFAR_DEPTHS)}, got {depth} "
+                             "(name block='basic' or 'bottleneck' for other depths of the family)")
+        model = PreActResNet(unit, (count,) * 3, (16, 32, 64), (1, 2, 2), num_classes,
+                             _CifarStem(16), fused, backend, memory)
+    elif dataset == "imagenet":
         if depth not in IMAGENET_DEPTHS:
             raise ValueError(f"ImageNet pre-act ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}, got {depth}")
-        block, counts = IMAGENET_DEPTHS[depth]
-        return PreActResNet(block, counts, (64, 128, 256, 512), (1, 2, 2, 2), num_classes,
-                            _ImageNetStem(64), fused, backend)
-    raise ValueError(f"dataset must be 'cifar' or 'imagenet', got {dataset!r}")
+        if block not in (None, "bottleneck"):
+            raise ValueError(f"ImageNet pre-act ResNet-{depth} uses bottleneck units, got block={block!r}")
+        unit, counts = IMAGENET_DEPTHS[depth]
+        model = PreActResNet(unit, counts, (64, 128, 256, 512), (1, 2, 2, 2), num_classes,
+                             _ImageNetStem(64), fused, backend, memory)
+    else:
+        raise ValueError(f"dataset must be 'cifar' or 'imagenet', got {dataset!r}")
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    return model

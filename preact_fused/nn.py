@@ -4,14 +4,28 @@ Each module holds plain ``nn.BatchNorm2d`` / ``nn.Conv2d`` children, so its stat
 unfused modules; only ``forward`` differs. Blocks accept either a tensor or a ``(tensor, partials)``
 pair, where partials are the statistics of the tensor produced by its producer (DESIGN.md section 3),
 and return the same kind: models built by this package chain pairs so no BN re-reads its input.
+
+Memory modes of the blocks: ``memory="activations"`` (default) saves one tensor per triple (its
+pre-BN input); ``memory="min"`` saves only the unit's input and runs the unit again in backward
+(see ``autograd.recompute``), with the running statistics updated once.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import batch_norm_params, bn_relu_conv2d, check_input, conv_geometry, resolve_ops
+from .autograd import batch_norm_params, bn_relu_conv2d, check_input, conv_geometry, recompute, resolve_ops
+
+MEMORY_MODES = ("activations", "min")
+
+
+def check_memory_mode(memory: str) -> str:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory
 
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -73,10 +87,11 @@ class _PreActBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes, planes, stride, fused, backend):
+    def __init__(self, in_planes, planes, stride, fused, backend, memory="activations"):
         super().__init__()
         self.fused = fused
         self.backend = backend
+        self.memory = check_memory_mode(memory)
         out_planes = planes * self.expansion
         self.shortcut = None
         if stride != 1 or in_planes != out_planes:
@@ -88,11 +103,36 @@ class _PreActBlock(nn.Module):
     def forward(self, inp):
         pair = isinstance(inp, tuple)
         x, partials = inp if pair else (inp, None)
+        if self.memory == "min" and self._recomputes(x):
+            run = self._fused_unit if self.fused else self._eager_unit
+            y, partials = recompute(functools.partial(run, want_stats=pair), x, partials, list(self.parameters()))
+            return (y, partials) if pair else y
         if self.fused:
             y, partials = self._fused_forward(x, partials, want_stats=pair)
             return (y, partials) if pair else y
         y = self._eager_forward(x)
         return (y, None) if pair else y
+
+    def _recomputes(self, x) -> bool:
+        """Whether this forward builds a graph worth recomputing (not under no_grad / inference)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _eager_unit(self, x, partials, bn_params, want_stats):
+        """The unfused unit for ``recompute``; the recomputation updates throw-away copies of the buffers.
+
+        (Copies swapped in and out rather than values copied back: the batch norms of the recomputed
+        graph save the running statistics, which must not change version under them.)
+        """
+        if bn_params is None:
+            return self._eager_forward(x), None, []
+        originals = [(m, name, b) for m in self.modules() for name, b in m._buffers.items() if b is not None]
+        for m, name, b in originals:
+            m._buffers[name] = b.clone()
+        try:
+            return self._eager_forward(x), None, []
+        finally:
+            for m, name, b in originals:
+                m._buffers[name] = b
 
     def _eager_forward(self, x):
         (bn, conv), *rest = self._triples()
@@ -104,24 +144,39 @@ class _PreActBlock(nn.Module):
         return h + shortcut
 
     def _fused_forward(self, x, partials, want_stats):
+        h, partials, _ = self._fused_unit(x, partials, None, want_stats)
+        return h, partials
+
+    def _fused_unit(self, x, partials, bn_params, want_stats):
+        """(y, partials of y, the BNParams used). Given ``bn_params``, uses them: no statistics."""
         triples = self._triples()
         check_input(x, triples[0][1])
         ops = resolve_ops(self.backend, x)
+        given = bn_params is not None
+        used = []
+
+        def fold(i, bn, h, partials):
+            used.append(bn_params[i] if given else batch_norm_params(bn, h, partials, ops))
+            return used[-1]
+
+        def stats_for(bn):
+            return not given and _uses_batch_stats(bn)
+
         (bn, conv), *rest = triples
-        params = batch_norm_params(bn, x, partials, ops)
+        params = fold(0, bn, x, partials)
         shortcut = x if self.shortcut is None else bn_relu_conv2d(x, self.shortcut, params, ops)[0]
         stats_next = rest[0][0] if rest else None
-        h, partials = bn_relu_conv2d(x, conv, params, ops, want_stats=_uses_batch_stats(stats_next))
+        h, partials = bn_relu_conv2d(x, conv, params, ops, want_stats=stats_for(stats_next))
         for i, (bn, conv) in enumerate(rest):
-            params = batch_norm_params(bn, h, partials, ops)
+            params = fold(i + 1, bn, h, partials)
             last = i == len(rest) - 1
             h, partials = bn_relu_conv2d(
                 h, conv, params, ops, residual=shortcut if last else None,
-                want_stats=want_stats if last else _uses_batch_stats(rest[i + 1][0]))
-        return h, partials
+                want_stats=(want_stats and not given) if last else stats_for(rest[i + 1][0]))
+        return h, partials, used
 
     def extra_repr(self) -> str:
-        return f"fused={self.fused}, backend={self.backend!r}"
+        return f"fused={self.fused}, backend={self.backend!r}, memory={self.memory!r}"
 
 
 class PreActBasicBlock(_PreActBlock):
@@ -129,8 +184,8 @@ class PreActBasicBlock(_PreActBlock):
 
     expansion = 1
 
-    def __init__(self, in_planes, planes, stride=1, fused=True, backend="auto"):
-        super().__init__(in_planes, planes, stride, fused, backend)
+    def __init__(self, in_planes, planes, stride=1, fused=True, backend="auto", memory="activations"):
+        super().__init__(in_planes, planes, stride, fused, backend, memory)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -145,8 +200,8 @@ class PreActBottleneck(_PreActBlock):
 
     expansion = 4
 
-    def __init__(self, in_planes, planes, stride=1, fused=True, backend="auto"):
-        super().__init__(in_planes, planes, stride, fused, backend)
+    def __init__(self, in_planes, planes, stride=1, fused=True, backend="auto", memory="activations"):
+        super().__init__(in_planes, planes, stride, fused, backend, memory)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
