@@ -281,3 +281,44 @@ def test_emulated_conv_fwd_autograd(emu):
     for k in keys:
         want = leaves64[k].grad
         assert (grads[k].double() - want).abs().max() <= 1e-4 * want.abs().max(), k
+
+
+_ASAN_SCRIPT = r"""
+import sys, torch
+from torch.utils.cpp_extension import load
+csrc, build = sys.argv[1], sys.argv[2]
+load(name="preact_fused_emu", sources=[f"{csrc}/bindings.cpp", f"{csrc}/emulate/kernels.cpp"],
+     extra_include_paths=[f"{csrc}/emulate", csrc],
+     extra_cflags=["-DPF_EMULATE", "-O1", "-ffp-contract=off", "-fsanitize=address", "-fno-omit-frame-pointer"],
+     extra_ldflags=["-fsanitize=address"], build_directory=build, is_python_module=False, with_cuda=False)
+import preact_fused.cuda as cb
+cb._ops = lambda: torch.ops.preact_fused_emu
+from backend_checks import *
+for case in ODD_CASES + [ConvCase(2, 64, 256, 8, 8, 1, 1), ConvCase(2, 32, 32, 32, 32, 3, 2)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        for lay in ("channels_last", "nchw"):
+            for bn in (True, False):
+                check_conv_fwd(cb, case, dtype, "cpu", lay, bn, bn, bn)
+                check_conv_dgrad(cb, case, dtype, "cpu", lay, bn)
+                check_conv_wgrad(cb, case, dtype, "cpu", lay, bn)
+for dtype in (torch.float32, torch.bfloat16):
+    check_bn_stats_finalize(cb, (3, 17, 9, 9), dtype, "cpu", "nchw", momentum=None)
+    check_bn_backward(cb, ODD_CASES[1], dtype, "cpu", "channels_last", True, True)
+print("clean")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PREACT_FUSED_ASAN") != "1",
+                    reason="set PREACT_FUSED_ASAN=1 to run the emulated kernels under AddressSanitizer (~3 min)")
+def test_emulated_kernels_under_address_sanitizer(tmp_path):
+    """No out-of-bounds access to global or shared memory by any kernel, on odd and larger shapes."""
+    libasan = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip("the host compiler has no AddressSanitizer runtime")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", _ASAN_SCRIPT, CSRC, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=1800)
+    assert out.returncode == 0 and out.stdout.strip().endswith("clean"), out.stderr[-4000:]
