@@ -1,10 +1,21 @@
-"""Markers: ``cuda`` tests need a GPU and are skipped cleanly without one (still collected)."""
+"""Test setup shared by every file.
+
+* Without a GPU, Triton kernels run under the CPU interpreter: ``TRITON_INTERPRET=1`` must be set
+  before triton is first imported by any test module, so it is set here, at collection start.
+* Marker ``cuda``: the test needs a GPU and is skipped cleanly without one (still collected).
+"""
+import os
+
 import pytest
 import torch
 
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
