@@ -161,7 +161,8 @@ setup(
     packages=find_packages(include=["preact_fused", "preact_fused.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=7", "numpy"], "bench": ["matplotlib", "tqdm"]},
+    extras_require={"test": ["pytest>=7", "numpy", "matplotlib", "tqdm", "pytest-benchmark"],
+                    "bench": ["matplotlib", "tqdm"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
