@@ -16,13 +16,7 @@ from preact_fused import PreActBasicBlock, PreActBottleneck, count_saved_bytes, 
 LOW = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def err(a, b):

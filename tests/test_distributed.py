@@ -25,13 +25,7 @@ STEPS = 2
 TOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_net(sync_bn: bool, memory: str = "activations") -> nn.Module:

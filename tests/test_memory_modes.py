@@ -9,13 +9,7 @@ from torch import nn
 from preact_fused import PreActBottleneck, count_saved_bytes, preact_resnet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(fused, block="bottleneck", depth=11):
