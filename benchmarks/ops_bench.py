@@ -1,0 +1,203 @@
+"""Op benchmark: one BN-ReLU-conv triple, forward + backward, for every triple shape of ResNet-1001.
+
+    python -m benchmarks.ops_bench [--batch 128] [--out DIR]     GPU: triton.testing.do_bench
+    python -m benchmarks.ops_bench                               CPU: runs this file under pytest-benchmark
+    pytest benchmarks/ops_bench.py --benchmark-only              CPU, directly
+
+Providers: ``eager`` (``nn.BatchNorm2d`` -> ``nn.ReLU`` -> ``nn.Conv2d``) and ``BNReLUConv2d`` with
+each backend that runs here (reference, triton, cuda; the others are skipped with the reason). A
+case is one training-mode forward and the backward of an upstream gradient dy into x and all
+parameters. Activations are channels_last; bf16 under autocast (fp32 parameters) on a GPU, fp32 on
+CPU. Shapes are the distinct (Cin, Cout, K, stride, H, W) of the network's triples (the stem, a
+plain conv, is not one), each with the number of times it occurs; the residual add of a unit's last
+conv is left out. On a GPU: a table, ``ops.json`` (this run) and ``ops.csv`` (rows appended) under
+``benchmarks/results/<device>/`` or ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import preact_fused
+from preact_fused.backend import BACKENDS
+
+from . import RESULTS, device_slug, environment, fast_backend_reason
+from .roofline import Conv, conv_layers
+
+CPU_BATCH = 8
+PROVIDERS = ("eager", *BACKENDS)
+
+
+def triple_shapes(depth: int = 1001) -> list[tuple[Conv, int]]:
+    """The distinct BN-ReLU-conv shapes of a CIFAR pre-act ResNet, with their counts, in network order."""
+    convs = [c for c in conv_layers(preact_fused.preact_resnet(depth, fused=False)).convs if c.input_grad]
+    counts = Counter(_key(c) for c in convs)
+    first = {}
+    for c in convs:
+        first.setdefault(_key(c), c)
+    return [(c, counts[key]) for key, c in first.items()]
+
+
+def _key(c: Conv) -> tuple:
+    return c.cin, c.cout, c.k, c.stride, c.h, c.w
+
+
+def shape_id(c: Conv) -> str:
+    return f"{c.cin}to{c.cout}_k{c.k}_s{c.stride}_{c.h}x{c.w}"
+
+
+def skip_reason(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` is not timed on ``device``, or None."""
+    return None if provider in ("eager", "reference") else fast_backend_reason(provider, device)
+
+
+def make_case(shape: Conv, provider: str, batch: int, device: torch.device):
+    """A closure running forward + backward of one triple: x [batch, Cin, H, W] -> y [batch, Cout, Ho, Wo]."""
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp else torch.float32
+    conv = dict(kernel_size=shape.k, stride=shape.stride, padding=shape.padding, bias=False)
+    if provider == "eager":
+        module = nn.Sequential(nn.BatchNorm2d(shape.cin), nn.ReLU(), nn.Conv2d(shape.cin, shape.cout, **conv))
+    else:
+        module = preact_fused.BNReLUConv2d(shape.cin, shape.cout, backend=provider, **conv)
+    module = module.to(device).to(memory_format=torch.channels_last).train()
+    fmt = torch.channels_last
+    x = torch.randn(batch, shape.cin, shape.h, shape.w, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(batch, shape.cout, shape.ho, shape.wo, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    inputs = [x, *module.parameters()]
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y = module(x)
+        torch.autograd.grad(y, inputs, dy)
+
+    return run
+
+
+def pytest_generate_tests(metafunc):
+    """pytest-benchmark on CPU: one case per (shape, provider), grouped by shape."""
+    cases = [(shape, provider) for shape, _ in triple_shapes() for provider in PROVIDERS]
+    metafunc.parametrize(("shape", "provider"), cases,
+                         ids=[f"{shape_id(shape)}-{provider}" for shape, provider in cases])
+
+
+def test_triple(benchmark, shape, provider):
+    device = torch.device("cpu")
+    reason = skip_reason(provider, device)
+    if reason is not None:
+        import pytest
+        pytest.skip(reason)
+    benchmark.group = shape_id(shape)
+    benchmark(make_case(shape, provider, CPU_BATCH, device))
+
+
+def bench_gpu(args, device: torch.device) -> list[dict]:
+    """do_bench (median, 20% and 80% quantiles, ms) of every (shape, provider) that runs here."""
+    from triton.testing import do_bench
+
+    rows = []
+    for shape, count in triple_shapes(args.depth):
+        eager_ms = None
+        for provider in args.providers:
+            reason = skip_reason(provider, device)
+            if reason is not None:
+                continue
+            row = {"shape": shape_id(shape), "count": count, "provider": provider, "batch": args.batch,
+                   "dtype": "bf16", "layout": "channels_last"}
+            try:
+                ms = do_bench(make_case(shape, provider, args.batch, device), warmup=args.warmup_ms,
+                              rep=args.rep_ms, quantiles=[0.5, 0.2, 0.8])
+                row.update(median_ms=ms[0], q20_ms=ms[1], q80_ms=ms[2])
+                if provider == "eager":
+                    eager_ms = ms[0]
+                row["speedup_vs_eager"] = None if eager_ms is None else eager_ms / ms[0]
+            except Exception as err:   # one failing provider must not hide the others
+                row["error"] = repr(err)
+                print(f"FAILED {provider} {shape_id(shape)}: {err!r}", file=sys.stderr)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("shape", "count", "provider", "median ms", "q20-q80 ms", "vs eager")
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append((r["shape"], str(r["count"]), r["provider"], "FAILED", r["error"][:60], ""))
+            continue
+        speed = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
+        lines.append((r["shape"], str(r["count"]), r["provider"], f"{r['median_ms']:.3f}",
+                      f"{r['q20_ms']:.3f}-{r['q80_ms']:.3f}", speed))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def totals(rows: list[dict]) -> dict:
+    """Per provider: the sum over shapes of count x median, the triples' time in one training step."""
+    out = {}
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        mine = [r for r in rows if r["provider"] == provider]
+        if all("median_ms" in r for r in mine):
+            out[provider] = sum(r["count"] * r["median_ms"] for r in mine)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ops_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", type=int, default=128, help="batch (GPU; the CPU cases use %d)" % CPU_BATCH)
+    p.add_argument("--depth", type=int, default=1001, choices=(110, 164, 1001), help="network whose shapes to run")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS), help="what to time")
+    p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        import pytest
+        out = args.out or RESULTS / "cpu"
+        out.mkdir(parents=True, exist_ok=True)
+        return pytest.main([__file__, "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name",
+                            f"--benchmark-json={out / 'ops.json'}"])
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    env = environment(device)
+    for provider in args.providers:
+        reason = skip_reason(provider, device)
+        if reason is not None:
+            print(f"SKIP {provider}: {reason}")
+    rows = bench_gpu(args, device)
+    print(f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, batch {args.batch}, "
+          "bf16 autocast, channels_last, forward + backward of one triple")
+    print(format_table(rows))
+    total = totals(rows)
+    print("all triples of one ResNet-%d step (sum of count x median): " % args.depth
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in total.items()))
+    out = args.out or RESULTS / device_slug(device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ops.json").write_text(json.dumps({"environment": env, "config": {**vars(args), "out": str(out)},
+                                              "rows": rows, "totals_ms": total}, indent=1))
+    fields = ["date", "device_name", "torch", "triton", "shape", "count", "provider", "batch", "dtype",
+              "layout", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "error"]
+    new = not (out / "ops.csv").exists()
+    with open(out / "ops.csv", "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: env[k] for k in ("date", "device_name", "torch", "triton")}, **row})
+    print(f"wrote {out / 'ops.json'}, {out / 'ops.csv'}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

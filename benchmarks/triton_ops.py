@@ -1,0 +1,224 @@
+"""Per-op GPU timings of the Triton fused BN-ReLU-conv triple against eager cuDNN BN + ReLU + conv.
+
+For every distinct triple of the CIFAR ResNet-1001 (tests/test_triton_gpu.py, RESNET1001_TRIPLES),
+channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench``) of
+
+  fused forward   bn_finalize of the input's partials + conv_fwd (BN-ReLU loader; residual and
+                  statistics epilogue where the network has them)
+  fused backward  conv_dgrad (ReLU mask + BN sums) + bn_backward + conv_wgrad
+  eager forward   F.batch_norm (training) + relu + conv2d [+ residual]
+  eager backward  autograd through the same (dx, dw, dgamma, dbeta)
+
+and each Triton op alone. The minimum-bytes time is the time to move, at the measured copy
+bandwidth (a 1 GiB device-to-device copy), the bytes no implementation can avoid: forward x and y
+(+ residual), backward dy, x and dx. Network totals weight each triple by its count in ResNet-1001.
+
+Rows are appended to benchmarks/results/triton_ops.csv (device, versions, dtype, layout, batch,
+cuDNN TF32 setting, date on every row) and a table is printed.
+
+    python benchmarks/triton_ops.py [--batch 128] [--dtype bfloat16] [--only s1.conv2 s3.conv1]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from test_triton_gpu import RESNET1001_TRIPLES  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "triton_ops.csv")
+EPS = 1e-5
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
+    import triton.testing
+
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+class Triple:
+    """Inputs of one BN-ReLU-conv triple and its four timed closures."""
+
+    def __init__(self, ops, name, cin, cout, hw, k, stride, batch, dtype, device="cuda"):
+        self.name, self.stride, self.padding = name, stride, k // 2
+        self.with_bn = name != "stem"
+        self.with_residual = name.endswith("conv3")
+        self.want_stats = not name.endswith("shortcut")
+        ho = (hw + 2 * self.padding - k) // stride + 1
+        cl = torch.channels_last
+
+        def act(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype).to(memory_format=cl)
+
+        self.ops = ops
+        self.x = act(batch, cin, hw, hw) * 2 + 0.5
+        self.dy = act(batch, cout, ho, ho)
+        self.residual = act(batch, cout, ho, ho) if self.with_residual else None
+        self.weight = torch.randn(cout, cin, k, k, device=device, dtype=dtype) / k
+        self.gamma = torch.rand(cin, device=device) + 0.5
+        self.beta = torch.randn(cin, device=device)
+        self.running = (torch.zeros(cin, device=device), torch.ones(cin, device=device))
+        self.partials = ops.bn_stats(self.x)
+        self.vectors = ops.bn_finalize(self.partials, self.gamma, self.beta, EPS)
+        mean, invstd, scale, shift = self.vectors
+        self.g, self.sum_g, self.sum_gx = ops.conv_dgrad(self.dy, self.weight, self.x, stride, self.padding,
+                                                         *(scale, shift, mean) if self.with_bn else (None,) * 3)
+        # Eager: module-like leaves so autograd computes dx, dw, dgamma, dbeta.
+        self.eager_x = self.x.detach().clone().requires_grad_()
+        self.eager_w = self.weight.detach().clone().requires_grad_()
+        self.eager_gamma = self.gamma.clone().requires_grad_()  # float32 parameters, as under autocast
+        self.eager_beta = self.beta.clone().requires_grad_()
+        self.eager_running = tuple(t.clone() for t in self.running)
+
+    # -- fused (Triton) ------------------------------------------------------------------------
+    def fused_forward(self):
+        scale = shift = None
+        if self.with_bn:
+            _, _, scale, shift = self.ops.bn_finalize(self.partials, self.gamma, self.beta, EPS, *self.running, 0.1)
+        return self.ops.conv_fwd(self.x, self.weight, self.stride, self.padding, scale, shift, self.residual,
+                                 self.want_stats)
+
+    def conv_fwd(self):
+        scale, shift = (self.vectors[2], self.vectors[3]) if self.with_bn else (None, None)
+        return self.ops.conv_fwd(self.x, self.weight, self.stride, self.padding, scale, shift, self.residual,
+                                 self.want_stats)
+
+    def conv_dgrad(self):
+        mean, _, scale, shift = self.vectors
+        bn = (scale, shift, mean) if self.with_bn else (None,) * 3
+        return self.ops.conv_dgrad(self.dy, self.weight, self.x, self.stride, self.padding, *bn)
+
+    def bn_backward(self):
+        if not self.with_bn:
+            return None
+        mean, invstd, scale, _ = self.vectors
+        return self.ops.bn_backward(self.g, self.x, mean, invstd, scale, self.sum_g, self.sum_gx, True)
+
+    def conv_wgrad(self):
+        scale, shift = (self.vectors[2], self.vectors[3]) if self.with_bn else (None, None)
+        return self.ops.conv_wgrad(self.x, self.dy, self.weight.shape, self.stride, self.padding, scale, shift)
+
+    def fused_backward(self):
+        self.conv_dgrad()
+        self.bn_backward()
+        self.conv_wgrad()
+
+    # -- eager (cuDNN) -------------------------------------------------------------------------
+    def eager_graph(self):
+        a = self.eager_x
+        if self.with_bn:
+            a = F.relu(F.batch_norm(a, *self.eager_running, self.eager_gamma, self.eager_beta, True, 0.1, EPS))
+        y = F.conv2d(a, self.eager_w, stride=self.stride, padding=self.padding)
+        return y + self.residual if self.with_residual else y
+
+    def eager_forward(self):
+        with torch.no_grad():
+            return self.eager_graph()
+
+    def eager_backward_closure(self):
+        y = self.eager_graph()
+        leaves = [self.eager_x, self.eager_w] + ([self.eager_gamma, self.eager_beta] if self.with_bn else [])
+        return lambda: torch.autograd.grad(y, leaves, self.dy, retain_graph=True)
+
+    def min_bytes(self) -> tuple[int, int]:
+        """Unavoidable bytes: forward x + y (+ residual); backward dy + x + dx."""
+        nx = self.x.numel() * self.x.element_size()
+        ny = self.dy.numel() * self.dy.element_size()
+        return nx + ny * (2 if self.with_residual else 1), ny + 2 * nx
+
+
+COUNTS = {  # occurrences of each triple in ResNet-1001 (111 units per stage)
+    "stem": 1, "s1.conv1.first": 1, "s1.conv1": 110, "s1.conv2": 111, "s1.conv3": 111, "s1.shortcut": 1,
+    "s2.conv1.first": 1, "s2.conv2.first": 1, "s2.shortcut": 1, "s2.conv3": 111, "s2.conv1": 110, "s2.conv2": 110,
+    "s3.conv1.first": 1, "s3.conv2.first": 1, "s3.shortcut": 1, "s3.conv3": 111, "s3.conv1": 110, "s3.conv2": 110,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--only", nargs="*", help="triple names to run (default: all)")
+    parser.add_argument("--tf32", action="store_true", help="float32: TF32 in Triton and cuDNN (default: exact)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    import triton
+    import triton.testing
+
+    import preact_fused.triton as ops
+
+    dtype = getattr(torch, args.dtype)
+    ops.set_fp32_precision("tf32" if args.tf32 else "ieee")
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = True
+    bandwidth = copy_bandwidth()
+    common = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "layout": "channels_last",
+        "batch": args.batch, "tf32": args.tf32, "copy_GBps": round(bandwidth / 1e9, 1),
+    }
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, return_mode="median")
+
+    rows = []
+    print(f"{common['device']}, {args.dtype}, channels_last, batch {args.batch}, copy {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'triple':16} {'fused fwd':>9} {'fused bwd':>9} {'eager fwd':>9} {'eager bwd':>9} {'speedup':>7} "
+          f"{'min-bytes':>9} {'x min':>6}   (ms)")
+    for name, cin, cout, hw, k, stride in RESNET1001_TRIPLES:
+        if args.only and name not in args.only:
+            continue
+        t = Triple(ops, name, cin, cout, hw, k, stride, args.batch, dtype)
+        row = {**common, "triple": name, "cin": cin, "cout": cout, "hw": hw, "k": k, "stride": stride,
+               "count": COUNTS[name]}
+        for op in ("conv_fwd", "conv_dgrad", "bn_backward", "conv_wgrad"):
+            row[f"{op}_ms"] = bench(getattr(t, op)) if (op != "bn_backward" or t.with_bn) else 0.0
+        row["fused_fwd_ms"] = bench(t.fused_forward)
+        row["fused_bwd_ms"] = bench(t.fused_backward)
+        row["eager_fwd_ms"] = bench(t.eager_forward)
+        row["eager_bwd_ms"] = bench(t.eager_backward_closure())
+        fwd_bytes, bwd_bytes = t.min_bytes()
+        row["min_bytes_ms"] = (fwd_bytes + bwd_bytes) / bandwidth * 1e3
+        fused = row["fused_fwd_ms"] + row["fused_bwd_ms"]
+        row["speedup"] = (row["eager_fwd_ms"] + row["eager_bwd_ms"]) / fused
+        row["x_min_bytes"] = fused / row["min_bytes_ms"]
+        rows.append(row)
+        print(f"{name:16} {row['fused_fwd_ms']:9.4f} {row['fused_bwd_ms']:9.4f} {row['eager_fwd_ms']:9.4f} "
+              f"{row['eager_bwd_ms']:9.4f} {row['speedup']:7.2f} {row['min_bytes_ms']:9.4f} {row['x_min_bytes']:6.2f}")
+        del t
+        torch.cuda.empty_cache()
+
+    def total(key):
+        return sum(r[key] * r["count"] for r in rows)
+
+    fused = total("fused_fwd_ms") + total("fused_bwd_ms")
+    eager = total("eager_fwd_ms") + total("eager_bwd_ms")
+    floor = total("min_bytes_ms")
+    print(f"network (triples weighted by count): fused {fused:.2f} ms, eager {eager:.2f} ms, "
+          f"speedup {eager / fused:.2f}, {fused / floor:.2f}x the minimum-bytes time")
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    new_file = not os.path.exists(RESULTS)
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
