@@ -1,0 +1,229 @@
+"""The Triton backend on a GPU: ResNet-1001 shapes in fp32 and bf16, every tile configuration,
+torch.compile and CUDA graphs. Skipped without a GPU (marker ``cuda``).
+
+Tolerances are those of tests/backend_checks.py (fp32 1e-4 with exact fp32 products, TF32 2e-3,
+bf16 twice PyTorch's own bf16 error + 1e-3). cuDNN's TF32 is pinned off so PyTorch's fp32 results
+used as the bf16 yardstick are exact fp32.
+
+The shape checks run with autotuning off (the first fitting configuration, see conv.AUTOTUNE): each
+autotuned shape would time several configurations, and ``test_every_configuration`` checks every
+configuration the autotuner may pick anyway.
+"""
+import pytest
+import torch
+
+from backend_checks import (ConvCase, cast, check_bn_backward, check_bn_stats_finalize, check_conv_dgrad,
+                            check_conv_fwd, check_conv_wgrad, make_inputs, rel_error)
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+# Every distinct BN-ReLU-conv triple of the CIFAR ResNet-1001 (bottleneck units, widths 16/32/64 x4,
+# 32x32 inputs): (name, Cin, Cout, input H=W, kernel, stride).
+RESNET1001_TRIPLES = [
+    ("stem", 3, 16, 32, 3, 1),
+    ("s1.conv1.first", 16, 16, 32, 1, 1),
+    ("s1.conv1", 64, 16, 32, 1, 1),
+    ("s1.conv2", 16, 16, 32, 3, 1),
+    ("s1.conv3", 16, 64, 32, 1, 1),
+    ("s1.shortcut", 16, 64, 32, 1, 1),
+    ("s2.conv1.first", 64, 32, 32, 1, 1),
+    ("s2.conv2.first", 32, 32, 32, 3, 2),
+    ("s2.shortcut", 64, 128, 32, 1, 2),
+    ("s2.conv3", 32, 128, 16, 1, 1),
+    ("s2.conv1", 128, 32, 16, 1, 1),
+    ("s2.conv2", 32, 32, 16, 3, 1),
+    ("s3.conv1.first", 128, 64, 16, 1, 1),
+    ("s3.conv2.first", 64, 64, 16, 3, 2),
+    ("s3.shortcut", 128, 256, 16, 1, 2),
+    ("s3.conv3", 64, 256, 8, 1, 1),
+    ("s3.conv1", 256, 64, 8, 1, 1),
+    ("s3.conv2", 64, 64, 8, 3, 1),
+]
+BATCHES = [64, 128]
+
+
+def resnet1001_case(triple, batch: int) -> ConvCase:
+    _, cin, cout, hw, k, stride = triple
+    return ConvCase(batch, cin, cout, hw, hw, k, stride)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    import preact_fused.triton as triton_ops
+
+    return triton_ops
+
+
+@pytest.fixture(autouse=True)
+def exact_cudnn():
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.fixture
+def no_autotune(monkeypatch):
+    from preact_fused.triton import conv
+
+    monkeypatch.setattr(conv, "AUTOTUNE", False)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_autotune")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("triple", RESNET1001_TRIPLES, ids=lambda t: t[0])
+def test_resnet1001_triple(ops, triple, batch, dtype):
+    name = triple[0]
+    case = resnet1001_case(triple, batch)
+    with_bn = name != "stem"
+    check_conv_fwd(ops, case, dtype, "cuda", "channels_last", with_bn, with_residual=name.endswith("conv3"),
+                   want_stats=not name.endswith("shortcut"))
+    check_conv_dgrad(ops, case, dtype, "cuda", "channels_last", with_bn)
+    check_conv_wgrad(ops, case, dtype, "cuda", "channels_last", with_bn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(128, 64, 32, 32), (64, 256, 8, 8)], ids=str)
+def test_resnet1001_statistics_and_bn_backward(ops, shape, dtype):
+    check_bn_stats_finalize(ops, shape, dtype, "cuda", "channels_last", momentum=None)
+    check_bn_stats_finalize(ops, shape, dtype, "cuda", "channels_last", offset=500.0)  # |mean| >= 1000 x std
+    case = ConvCase(shape[0], shape[1], shape[1], shape[2], shape[3], 1, 1)
+    check_bn_backward(ops, case, dtype, "cuda", "channels_last", training=True, with_residual=True)
+    check_bn_backward(ops, case, dtype, "cuda", "nchw", training=False, with_residual=False)
+
+
+class PinnedConfig:
+    """The conv contracts of the triton backend launched with one tile configuration."""
+
+    def __init__(self, conv_config=None, wgrad_config=None):
+        from preact_fused.triton import conv
+
+        self.conv, self.conv_config, self.wgrad_config = conv, conv_config, wgrad_config
+
+    def conv_fwd(self, x, weight, stride, padding, scale=None, shift=None, residual=None, want_stats=False):
+        y, partials = self.conv.conv_fwd(x, weight, stride, padding, scale, shift, residual, want_stats,
+                                         config=self.conv_config)
+        return y, (partials if want_stats else None)
+
+    def conv_dgrad(self, dy, weight, x, stride, padding, scale=None, shift=None, mean=None):
+        g, sums = self.conv.conv_dgrad(dy, weight, x, stride, padding, scale, shift, mean, config=self.conv_config)
+        return (g, None, None) if scale is None else (g, sums[0], sums[1])
+
+    def conv_wgrad(self, x, dy, weight_shape, stride, padding, scale=None, shift=None):
+        return self.conv.conv_wgrad(x, dy, weight_shape, stride, padding, scale, shift, config=self.wgrad_config)
+
+
+def _config_ids(configs):
+    return [f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}"
+            for c in configs]
+
+
+def _all_configs(name):
+    """The GPU configuration list (empty where there is no GPU: the tests are skipped there, and
+    importing the kernels at collection would fix their mode before the interpreter is chosen)."""
+    if not torch.cuda.is_available():
+        return []
+    from preact_fused.triton import conv
+
+    return getattr(conv, name)
+
+
+# Channel counts that are not multiples of any tile (several tiles plus a remainder on both GEMM
+# edges), a 3x3 stride-2 tap loop, and enough pixels for several wgrad splits.
+CONFIG_CASE = ConvCase(16, 80, 48, 15, 15, 3, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", _all_configs("CONV_CONFIGS"), ids=_config_ids(_all_configs("CONV_CONFIGS")))
+def test_every_conv_configuration(config, dtype):
+    pinned = PinnedConfig(conv_config=config)
+    check_conv_fwd(pinned, CONFIG_CASE, dtype, "cuda", "channels_last", True, True, True)
+    check_conv_dgrad(pinned, CONFIG_CASE, dtype, "cuda", "channels_last", True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", _all_configs("WGRAD_CONFIGS"), ids=_config_ids(_all_configs("WGRAD_CONFIGS")))
+def test_every_wgrad_configuration(config, dtype):
+    check_conv_wgrad(PinnedConfig(wgrad_config=config), CONFIG_CASE, dtype, "cuda", "channels_last", True)
+
+
+@pytest.mark.usefixtures("no_autotune")
+def test_tf32_option(ops):
+    case = resnet1001_case(RESNET1001_TRIPLES[6], 64)
+    ops.set_fp32_precision("tf32")
+    try:
+        check_conv_fwd(ops, case, torch.float32, "cuda", "channels_last", True, False, True, tf32=True)
+        check_conv_dgrad(ops, case, torch.float32, "cuda", "channels_last", True, tf32=True)
+        check_conv_wgrad(ops, case, torch.float32, "cuda", "channels_last", True, tf32=True)
+    finally:
+        ops.set_fp32_precision("ieee")
+
+
+def _step_inputs(dtype, seed=0):
+    case = ConvCase(8, 64, 64, 16, 16, 3, 2)
+    t = cast(make_inputs(case, dtype, "cuda", seed), dtype, "cuda", "channels_last")
+    return (t["x"], t["w"], t["gamma"], t["beta"], torch.zeros(64, device="cuda"), torch.ones(64, device="cuda"),
+            t["dy"])
+
+
+def _contract_step(ops, x, w, gamma, beta, running_mean, running_var, dy):
+    partials = ops.bn_stats(x)
+    mean, invstd, scale, shift = ops.bn_finalize(partials, gamma, beta, 1e-5, running_mean, running_var, None,
+                                                 torch.ones((), dtype=torch.long, device=x.device))
+    y, y_partials = ops.conv_fwd(x, w, 2, 1, scale, shift, None, True)
+    g, sum_g, sum_gx = ops.conv_dgrad(dy, w, x, 2, 1, scale, shift, mean)
+    dw = ops.conv_wgrad(x, dy, w.shape, 2, 1, scale, shift)
+    dx = ops.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, True, None)
+    return y, y_partials, dx, dw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_graph_capture(ops, dtype):
+    static = _step_inputs(dtype)
+    _contract_step(ops, *[t.clone() for t in static])  # autotune and compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = _contract_step(ops, *static)
+    fresh = _step_inputs(dtype, seed=1)
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    expected = _contract_step(ops, *fresh)
+    for a, b in zip(outputs + static[4:6], expected + fresh[4:6]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_compile_of_the_ops(ops, dtype):
+    torch._dynamo.reset()
+    args = _step_inputs(dtype)
+    explanation = torch._dynamo.explain(lambda *a: _contract_step(ops, *a))(*[t.clone() for t in args])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(lambda *a: _contract_step(ops, *a), fullgraph=True)
+    eager_args, compiled_args = [t.clone() for t in args], [t.clone() for t in args]
+    for a, b in zip(_contract_step(ops, *eager_args), compiled(*compiled_args)):
+        assert rel_error(b, a) < 1e-6
+    assert rel_error(compiled_args[5], eager_args[5]) < 1e-6
+
+
+# Graph breaks outside this backend (preact_fused/backend.py imports the backend module while the
+# block is traced; autograd.py's Function returns None for absent statistics) make this fail until
+# they are fixed there.
+@pytest.mark.xfail(reason="graph breaks in backend.py / autograd.py, not in the triton ops", strict=False)
+def test_compiled_fused_block_has_no_graph_breaks(ops):
+    from preact_fused.nn import PreActBottleneck
+
+    torch._dynamo.reset()
+    block = PreActBottleneck(64, 16, stride=2, backend="triton").cuda()
+    x = torch.randn(8, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(block)
+    y = compiled(x)
+    y.float().sum().backward()
