@@ -1,8 +1,8 @@
 """Op benchmark: one BN-ReLU-conv triple, forward + backward, for every triple shape of ResNet-1001.
 
     python -m benchmarks.ops_bench [--batch 128] [--out DIR]     GPU: triton.testing.do_bench
-    python -m benchmarks.ops_bench                               CPU: runs this file under pytest-benchmark
-    pytest benchmarks/ops_bench.py --benchmark-only              CPU, directly
+    python -m benchmarks.ops_bench                               CPU: this file under pytest-benchmark
+    pytest benchmarks/ops_bench.py --benchmark-only              CPU, pytest-benchmark's own report
 
 Providers: ``eager`` (``nn.BatchNorm2d`` -> ``nn.ReLU`` -> ``nn.Conv2d``) and ``BNReLUConv2d`` with
 each backend that runs here (reference, triton, cuda; the others are skipped with the reason). A
@@ -10,8 +10,9 @@ case is one training-mode forward and the backward of an upstream gradient dy in
 parameters. Activations are channels_last; bf16 under autocast (fp32 parameters) on a GPU, fp32 on
 CPU. Shapes are the distinct (Cin, Cout, K, stride, H, W) of the network's triples (the stem, a
 plain conv, is not one), each with the number of times it occurs; the residual add of a unit's last
-conv is left out. On a GPU: a table, ``ops.json`` (this run) and ``ops.csv`` (rows appended) under
-``benchmarks/results/<device>/`` or ``--out``.
+conv is left out. Prints a table (median and quartiles, speed-up over eager, and the sum over the
+network of count x median per provider) and writes ``ops.json`` (this run) and ``ops.csv`` (rows
+appended) under ``benchmarks/results/<device>/`` or ``--out``.
 """
 from __future__ import annotations
 
@@ -100,25 +101,20 @@ def test_triple(benchmark, shape, provider):
 
 
 def bench_gpu(args, device: torch.device) -> list[dict]:
-    """do_bench (median, 20% and 80% quantiles, ms) of every (shape, provider) that runs here."""
+    """do_bench (median and quartiles, ms) of every (shape, provider) that runs on the GPU."""
     from triton.testing import do_bench
 
     rows = []
     for shape, count in triple_shapes(args.depth):
-        eager_ms = None
         for provider in args.providers:
-            reason = skip_reason(provider, device)
-            if reason is not None:
+            if skip_reason(provider, device) is not None:
                 continue
             row = {"shape": shape_id(shape), "count": count, "provider": provider, "batch": args.batch,
                    "dtype": "bf16", "layout": "channels_last"}
             try:
                 ms = do_bench(make_case(shape, provider, args.batch, device), warmup=args.warmup_ms,
-                              rep=args.rep_ms, quantiles=[0.5, 0.2, 0.8])
-                row.update(median_ms=ms[0], q20_ms=ms[1], q80_ms=ms[2])
-                if provider == "eager":
-                    eager_ms = ms[0]
-                row["speedup_vs_eager"] = None if eager_ms is None else eager_ms / ms[0]
+                              rep=args.rep_ms, quantiles=[0.5, 0.25, 0.75])
+                row.update(median_ms=ms[0], q25_ms=ms[1], q75_ms=ms[2])
             except Exception as err:   # one failing provider must not hide the others
                 row["error"] = repr(err)
                 print(f"FAILED {provider} {shape_id(shape)}: {err!r}", file=sys.stderr)
@@ -127,16 +123,52 @@ def bench_gpu(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def bench_cpu(args) -> list[dict]:
+    """This file under pytest-benchmark (median and quartiles, ms), for the shapes of ResNet-1001."""
+    import tempfile
+
+    import pytest
+
+    torch.set_num_threads(args.threads)
+    counts = {shape_id(shape): count for shape, count in triple_shapes()}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "pytest-benchmark.json"
+        select = " or ".join(args.providers)   # provider names appear in no shape id
+        status = pytest.main([__file__, "--benchmark-only", "-q", "-p", "no:cacheprovider", "-k", select,
+                              "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name",
+                              f"--benchmark-json={report}"])
+        if status not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            raise RuntimeError(f"pytest-benchmark run failed (exit {status})")
+        records = json.loads(report.read_text())["benchmarks"] if report.exists() else []
+    rows = []
+    for record in records:
+        shape, provider = record["param"].rsplit("-", 1)
+        stats = record["stats"]
+        rows.append({"shape": shape, "count": counts[shape], "provider": provider, "batch": CPU_BATCH,
+                     "dtype": "fp32", "layout": "channels_last", "median_ms": 1e3 * stats["median"],
+                     "q25_ms": 1e3 * stats["q1"], "q75_ms": 1e3 * stats["q3"]})
+    order = {shape: i for i, shape in enumerate(counts)}
+    return sorted(rows, key=lambda r: (order[r["shape"]], PROVIDERS.index(r["provider"])))
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup_vs_eager``: eager's median over the row's, same shape."""
+    eager = {r["shape"]: r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and r["shape"] in eager:
+            r["speedup_vs_eager"] = eager[r["shape"]] / r["median_ms"]
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ("shape", "count", "provider", "median ms", "q20-q80 ms", "vs eager")
+    head = ("shape", "count", "provider", "median ms", "q25-q75 ms", "vs eager")
     lines = [head]
     for r in rows:
         if "error" in r:
             lines.append((r["shape"], str(r["count"]), r["provider"], "FAILED", r["error"][:60], ""))
             continue
-        speed = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
+        speed = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
         lines.append((r["shape"], str(r["count"]), r["provider"], f"{r['median_ms']:.3f}",
-                      f"{r['q20_ms']:.3f}-{r['q80_ms']:.3f}", speed))
+                      f"{r['q25_ms']:.3f}-{r['q75_ms']:.3f}", speed))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -151,43 +183,13 @@ def totals(rows: list[dict]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ops_bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch", type=int, default=128, help="batch (GPU; the CPU cases use %d)" % CPU_BATCH)
-    p.add_argument("--depth", type=int, default=1001, choices=(110, 164, 1001), help="network whose shapes to run")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS), help="what to time")
-    p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per case")
-    p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        import pytest
-        out = args.out or RESULTS / "cpu"
-        out.mkdir(parents=True, exist_ok=True)
-        return pytest.main([__file__, "--benchmark-only", "-q", "-p", "no:cacheprovider",
-                            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name",
-                            f"--benchmark-json={out / 'ops.json'}"])
-    device = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    env = environment(device)
-    for provider in args.providers:
-        reason = skip_reason(provider, device)
-        if reason is not None:
-            print(f"SKIP {provider}: {reason}")
-    rows = bench_gpu(args, device)
-    print(f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, batch {args.batch}, "
-          "bf16 autocast, channels_last, forward + backward of one triple")
-    print(format_table(rows))
-    total = totals(rows)
-    print("all triples of one ResNet-%d step (sum of count x median): " % args.depth
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in total.items()))
-    out = args.out or RESULTS / device_slug(device)
+def write_records(out: Path, env: dict, config: dict, rows: list[dict], total: dict) -> None:
+    """``ops.json`` (this run) and ``ops.csv`` (rows appended) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ops.json").write_text(json.dumps({"environment": env, "config": {**vars(args), "out": str(out)},
-                                              "rows": rows, "totals_ms": total}, indent=1))
+    (out / "ops.json").write_text(json.dumps({"environment": env, "config": config, "rows": rows,
+                                              "totals_ms": total}, indent=1))
     fields = ["date", "device_name", "torch", "triton", "shape", "count", "provider", "batch", "dtype",
-              "layout", "median_ms", "q20_ms", "q80_ms", "speedup_vs_eager", "error"]
+              "layout", "median_ms", "q25_ms", "q75_ms", "speedup_vs_eager", "error"]
     new = not (out / "ops.csv").exists()
     with open(out / "ops.csv", "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -196,6 +198,45 @@ def main(argv=None) -> int:
         for row in rows:
             writer.writerow({**{k: env[k] for k in ("date", "device_name", "torch", "triton")}, **row})
     print(f"wrote {out / 'ops.json'}, {out / 'ops.csv'}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ops_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128, help=f"batch on a GPU (CPU: {CPU_BATCH}; default 128)")
+    p.add_argument("--depth", type=int, default=1001, choices=(110, 164, 1001),
+                   help="network whose shapes to run on a GPU (CPU: 1001; default 1001)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                   help="what to time (default: all that run here)")
+    p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up per case (default 25)")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (default 100)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads on CPU (default 1: other work on the machine stalls more than one)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for provider in args.providers:
+        reason = skip_reason(provider, device)
+        if reason is not None:
+            print(f"SKIP {provider}: {reason}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        rows = bench_gpu(args, device)
+        setting = f"batch {args.batch}, bf16 autocast"
+    else:
+        rows = bench_cpu(args)
+        setting = f"batch {CPU_BATCH}, fp32, {args.threads} thread(s)"
+        print("note: CPU timings on a shared machine are noisy")
+    add_speedups(rows)
+    env = environment(device)
+    print(f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, {setting}, channels_last; "
+          "forward + backward of one BN-ReLU-conv triple")
+    print(format_table(rows))
+    total = totals(rows)
+    print(f"all triples of one ResNet-{args.depth} step (sum of count x median): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in total.items()))
+    out = args.out or RESULTS / device_slug(device)
+    write_records(out, env, {**vars(args), "out": str(out)}, rows, total)
     return 1 if any("error" in r for r in rows) else 0
 
 
