@@ -3,17 +3,17 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Parts, each capped with `timeout` (and all together by PREACT_GPU_CHECK_BUDGET seconds, default
-# 540); a part that fails or runs out of time is recorded and the next one runs. Exit status 1 when
-# any part failed. OUTDIR receives:
+# Parts, in order of importance after the build, each capped with `timeout` and all together by
+# PREACT_GPU_CHECK_BUDGET seconds (default 510); a part that fails or runs out of time is recorded
+# and the next one runs. Exit status 1 when any part failed. OUTDIR receives:
 #   env.txt                    nvidia-smi, python / torch / triton / CUDA versions
 #   build.log                  pip install --no-build-isolation -e .  (builds the CUDA extension)
 #   tests.log                  pytest -m cuda
 #   bench/                     ResNet-1001 at batch 64 and 128, every variant but torch.compile,
 #                              largest batch of eager_amp and fused_amp (table in bench.log)
+#   bench_compile/             eager, eager_amp, torch.compile and fused_amp at batch 128: compiling
+#                              ResNet-1001 takes minutes, once per batch size (bench_compile.log)
 #   ops/                       one fused triple per ResNet-1001 shape vs eager, do_bench (ops.log)
-#   bench_compile/             eager, eager_amp, torch.compile and fused_amp at batch 64 and 128
-#                              (last: compiling ResNet-1001 takes minutes; bench_compile.log)
 #   summary.txt                each part's status and duration
 set -uo pipefail
 
@@ -26,7 +26,7 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
-budget="${PREACT_GPU_CHECK_BUDGET:-540}"
+budget="${PREACT_GPU_CHECK_BUDGET:-510}"
 start=$(date +%s)
 failed=0
 : > "$out/summary.txt"
@@ -72,13 +72,13 @@ EOF
 cat "$out/env.txt"
 
 run build 240 "$python" -m pip install --no-build-isolation -e .
-run tests 150 "$python" -m pytest -m cuda -q -rs
+run tests 120 "$python" -m pytest -m cuda -q -rs
 run bench 210 "$python" -m benchmarks.resnet1001 --batch 64 128 --warmup 3 --steps 10 \
   --skip compile_amp --max-batch-variants eager_amp fused_amp --max-batch-cap 4096 \
   --max-batch-resolution 64 --out "$out/bench"
-run ops 60 "$python" -m benchmarks.ops_bench --batch 128 --out "$out/ops"
-run bench_compile 300 "$python" -m benchmarks.resnet1001 --batch 64 128 --warmup 3 --steps 10 \
+run bench_compile 240 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 10 \
   --variants eager eager_amp compile_amp fused_amp --max-batch-cap 0 --out "$out/bench_compile"
+run ops 90 "$python" -m benchmarks.ops_bench --batch 128 --out "$out/ops"
 
 echo "total $(( $(date +%s) - start ))s" | tee -a "$out/summary.txt"
 exit $failed

@@ -115,6 +115,7 @@ def bench_gpu(args, device: torch.device) -> list[dict]:
                 ms = do_bench(make_case(shape, provider, args.batch, device), warmup=args.warmup_ms,
                               rep=args.rep_ms, quantiles=[0.5, 0.25, 0.75])
                 row.update(median_ms=ms[0], q25_ms=ms[1], q75_ms=ms[2])
+                print(f"{row['shape']} {provider}: {ms[0]:.3f} ms", flush=True)   # partial results in logs
             except Exception as err:   # one failing provider must not hide the others
                 row["error"] = repr(err)
                 print(f"FAILED {provider} {shape_id(shape)}: {err!r}", file=sys.stderr)
