@@ -162,7 +162,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={"test": ["pytest>=7", "numpy", "matplotlib", "tqdm", "pytest-benchmark"],
-                    "bench": ["matplotlib", "tqdm"]},
+                    "bench": ["matplotlib", "tqdm", "pytest", "pytest-benchmark"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -99,8 +99,9 @@ class _FusedConv2d(torch.autograd.Function):
         ctx.conv = (stride, padding)
         ctx.has_residual = residual is not None
         ctx.ops = ops
-        if partials is not None:
-            ctx.mark_non_differentiable(partials)
+        if partials is None:  # an empty tensor, not None: torch.compile traces every output as a tensor
+            partials = y.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(partials)
         return y, partials
 
     @staticmethod
@@ -159,7 +160,7 @@ def bn_relu_conv2d(x, conv: nn.Conv2d, bn: BNParams | None, ops, residual=None, 
         if want_stats:
             raise ValueError("statistics of a conv output with bias are not supported")
         y = y + conv.bias.to(y.dtype)[:, None, None]
-    return y, partials
+    return y, (partials if want_stats else None)
 
 
 def conv_geometry(conv: nn.Conv2d) -> tuple[int, int]:

@@ -26,8 +26,15 @@ class BackendUnavailable(RuntimeError):
     """A backend named explicitly cannot run here; the message says why and how to fix it."""
 
 
+_loaded: dict[str, object] = {}
+
+
 def _load(name: str):
-    return importlib.import_module(_MODULES[name])
+    # Cached: a dict lookup (not an import) on the hot path keeps torch.compile free of graph breaks.
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

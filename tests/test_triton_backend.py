@@ -236,10 +236,6 @@ def test_compiled_contract_ops_have_no_graph_breaks():
     assert compiled[0].is_contiguous(memory_format=torch.channels_last)
 
 
-# Two causes outside this backend: preact_fused/backend.py calls importlib.import_module while the
-# block is traced, and autograd.py's Function returns None for absent statistics (dynamo's backward
-# speculation calls .contiguous() on every output gradient).
-@pytest.mark.xfail(reason="graph breaks in backend.py / autograd.py, not in the triton ops", strict=False)
 def test_compiled_block_has_no_graph_breaks():
     torch._dynamo.reset()
     block = PreActBottleneck(16, 4, stride=2, backend="triton").to(DEVICE)
