@@ -23,6 +23,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def exact_cudnn():
+    """On a GPU the reference runs cuDNN: exact fp32 there too (PyTorch enables TF32 convs by default)."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return

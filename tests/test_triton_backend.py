@@ -29,18 +29,10 @@ F32 = torch.float32
 
 pytestmark = [
     pytest.mark.triton_interp,
+    pytest.mark.usefixtures("exact_cudnn"),
     pytest.mark.skipif(triton_ops.unavailable_reason(DEVICE) is not None,
                        reason=f"triton backend unavailable: {triton_ops.unavailable_reason(DEVICE)}"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def exact_cudnn():
-    """On a GPU the reference runs cuDNN: exact fp32 there too (PyTorch enables TF32 convs by default)."""
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 # (with_bn, with_residual, want_stats) pairs per layout: over the three layouts every case runs all

@@ -15,7 +15,7 @@ import torch
 from backend_checks import (ConvCase, cast, check_bn_backward, check_bn_stats_finalize, check_conv_dgrad,
                             check_conv_fwd, check_conv_wgrad, make_inputs, rel_error)
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_cudnn")]
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -54,14 +54,6 @@ def ops():
     import preact_fused.triton as triton_ops
 
     return triton_ops
-
-
-@pytest.fixture(autouse=True)
-def exact_cudnn():
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.fixture
