@@ -33,7 +33,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import distributed as _dist
-from .reference import stats_dtype
+from .reference import masked_grad_and_sums, preact, stats_dtype
 
 
 class BNParams(NamedTuple):
@@ -121,18 +121,28 @@ class _FusedConv2d(torch.autograd.Function):
             if scale is None:
                 dx = g
             else:
-                # dgamma / dbeta from the local sums (DDP averages them); dx from the global ones.
-                dgamma = sum_gx * invstd if needs_gamma else None
-                dbeta = sum_g if needs_beta else None
-                if needs_x:
-                    if ctx.sync is not None and ctx.bn_training:
-                        sum_g, sum_gx = _dist.global_sums(sum_g, sum_gx, g.numel() // g.shape[1], ctx.sync[1],
-                                                          ctx.sync[0])
-                    dx = ops.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, ctx.bn_training)
+                dx, dgamma, dbeta = _bn_grads(ctx, g, x, mean, invstd, scale, sum_g, sum_gx,
+                                              needs_x, needs_gamma, needs_beta)
         if needs_w:
             dw = ops.conv_wgrad(x, dy, weight.shape, stride, padding, scale, shift).to(weight.dtype)
         d_residual = dy if ctx.has_residual and ctx.needs_input_grad[4] else None
         return dx, dw, dgamma, dbeta, d_residual, None, None, None, None, None
+
+
+def _bn_grads(ctx, g, x, mean, invstd, scale, sum_g, sum_gx, needs_x, needs_gamma, needs_beta):
+    """(dx, dgamma, dbeta) from the masked gradient g [N, C, H, W] and its sums [C].
+
+    dgamma / dbeta come from the local sums (DDP averages them); dx from the global ones when the
+    BN is synchronised (``ctx.sync``) and uses batch statistics (``ctx.bn_training``).
+    """
+    dgamma = sum_gx * invstd if needs_gamma else None
+    dbeta = sum_g if needs_beta else None
+    dx = None
+    if needs_x:
+        if ctx.sync is not None and ctx.bn_training:
+            sum_g, sum_gx = _dist.global_sums(sum_g, sum_gx, g.numel() // g.shape[1], ctx.sync[1], ctx.sync[0])
+        dx = ctx.ops.bn_backward(g.to(x.dtype), x, mean, invstd, scale, sum_g, sum_gx, ctx.bn_training)
+    return dx, dgamma, dbeta
 
 
 def bn_relu_conv2d(x, conv: nn.Conv2d, bn: BNParams | None, ops, residual=None, want_stats=False):
@@ -253,30 +263,20 @@ class _FusedBNReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, bn: BNParams, ops):
-        z = x.to(bn.scale.dtype) * bn.scale[:, None, None] + bn.shift[:, None, None]
         ctx.save_for_backward(x, bn.mean, bn.invstd, bn.scale, bn.shift)
         ctx.bn_training = bn.training
         ctx.sync = None if bn.process_group is None else (bn.process_group, bn.count)
         ctx.ops = ops
-        return torch.relu(z).to(x.dtype)
+        return preact(x, bn.scale, bn.shift)
 
     @staticmethod
     def backward(ctx, da):
         x, mean, invstd, scale, shift = ctx.saved_tensors
         needs_x, needs_gamma, needs_beta = ctx.needs_input_grad[:3]
         with _autocast_off(da.device.type):
-            xs = x.to(scale.dtype)
-            g = da.to(scale.dtype) * (xs * scale[:, None, None] + shift[:, None, None] > 0)
-            sum_g = g.sum((0, 2, 3))
-            sum_gx = (g * (xs - mean[:, None, None])).sum((0, 2, 3))
-            dgamma = sum_gx * invstd if needs_gamma else None
-            dbeta = sum_g if needs_beta else None
-            dx = None
-            if needs_x:
-                if ctx.sync is not None and ctx.bn_training:
-                    sum_g, sum_gx = _dist.global_sums(sum_g, sum_gx, g.numel() // g.shape[1], ctx.sync[1],
-                                                      ctx.sync[0])
-                dx = ctx.ops.bn_backward(g.to(x.dtype), x, mean, invstd, scale, sum_g, sum_gx, ctx.bn_training)
+            g, sum_g, sum_gx = masked_grad_and_sums(da, x, scale, shift, mean)
+            dx, dgamma, dbeta = _bn_grads(ctx, g, x, mean, invstd, scale, sum_g, sum_gx,
+                                          needs_x, needs_gamma, needs_beta)
         return dx, dgamma, dbeta, None, None
 
 

@@ -36,7 +36,7 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _preact(x, scale, shift):
+def preact(x, scale, shift):
     """P(x): relu(x * scale + shift) rounded to x's dtype, or x itself for the identity loader."""
     if scale is None:
         return x
@@ -82,7 +82,7 @@ def conv_fwd(x, weight, stride: int, padding: int, scale=None, shift=None, resid
     residual: [N, Cout, Ho, Wo] or None. Returns (y [N, Cout, Ho, Wo] in x's dtype,
     partials [3, T, Cout] or None).
     """
-    y = F.conv2d(_preact(x, scale, shift), weight.to(x.dtype), stride=stride, padding=padding)
+    y = F.conv2d(preact(x, scale, shift), weight.to(x.dtype), stride=stride, padding=padding)
     if residual is not None:
         y = y + residual
     y = _keep_format(y, x)
@@ -132,10 +132,19 @@ def conv_dgrad(dy, weight, x, stride: int, padding: int, scale=None, shift=None,
     da = torch.nn.grad.conv2d_input(x.shape, weight.to(dy.dtype), dy, stride=stride, padding=padding)
     if scale is None:
         return _keep_format(da, dy), None, None
+    g, sum_g, sum_gx = masked_grad_and_sums(da, x, scale, shift, mean)
+    return _keep_format(g.to(dy.dtype), dy), sum_g, sum_gx
+
+
+def masked_grad_and_sums(da, x, scale, shift, mean):
+    """g = da * (x*scale + shift > 0), sum_g, sum_gx: the BN-ReLU backward up to bn_backward.
+
+    da, x: [N, C, H, W]; scale, shift, mean: [C]. g, sum_g and sum_gx in the statistics dtype.
+    """
     g = da.to(scale.dtype) * _relu_mask(x, scale, shift)
     sum_g = g.sum((0, 2, 3))
     sum_gx = (g * (x.to(scale.dtype) - mean[:, None, None])).sum((0, 2, 3))
-    return _keep_format(g.to(dy.dtype), dy), sum_g, sum_gx
+    return g, sum_g, sum_gx
 
 
 def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, scale=None, shift=None):
@@ -144,7 +153,7 @@ def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, scale=None, shift
     x: [N, Cin, H, W]; dy: [N, Cout, Ho, Wo]; weight_shape: (Cout, Cin, KH, KW).
     Returns dW [Cout, Cin, KH, KW] in the statistics dtype (fp32 accumulation).
     """
-    a = _preact(x, scale, shift)
+    a = preact(x, scale, shift)
     acc = stats_dtype(dy.dtype)
     return torch.nn.grad.conv2d_weight(a.to(acc), weight_shape, dy.to(acc), stride=stride, padding=padding)
 
