@@ -8,12 +8,13 @@
 # and the next one runs. Exit status 1 when any part failed. OUTDIR receives:
 #   env.txt                    nvidia-smi, python / torch / triton / CUDA versions
 #   build.log                  pip install --no-build-isolation -e .  (builds the CUDA extension)
-#   tests.log                  pytest -m cuda
+#   tests.log                  pytest -m cuda (8 workers with pytest-xdist when it is installed:
+#                              compiling the Triton kernels for every tested configuration is CPU work)
+#   ops/                       one fused triple per ResNet-1001 shape vs eager, do_bench (ops.log)
 #   bench/                     ResNet-1001 at batch 64 and 128, every variant but torch.compile,
 #                              largest batch of eager_amp and fused_amp (table in bench.log)
 #   bench_compile/             eager, eager_amp, torch.compile and fused_amp at batch 128: compiling
 #                              ResNet-1001 takes minutes, once per batch size (bench_compile.log)
-#   ops/                       one fused triple per ResNet-1001 shape vs eager, do_bench (ops.log)
 #   summary.txt                each part's status and duration
 set -uo pipefail
 
@@ -71,14 +72,17 @@ EOF
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
+workers=()
+"$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
+
 run build 240 "$python" -m pip install --no-build-isolation -e .
-run tests 120 "$python" -m pytest -m cuda -q -rs
+run tests 240 "$python" -m pytest -m cuda -q -rs "${workers[@]}"
+run ops 90 "$python" -m benchmarks.ops_bench --batch 128 --out "$out/ops"
 run bench 210 "$python" -m benchmarks.resnet1001 --batch 64 128 --warmup 3 --steps 10 \
   --skip compile_amp --max-batch-variants eager_amp fused_amp --max-batch-cap 4096 \
   --max-batch-resolution 64 --out "$out/bench"
 run bench_compile 240 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 10 \
   --variants eager eager_amp compile_amp fused_amp --max-batch-cap 0 --out "$out/bench_compile"
-run ops 90 "$python" -m benchmarks.ops_bench --batch 128 --out "$out/ops"
 
 echo "total $(( $(date +%s) - start ))s" | tee -a "$out/summary.txt"
 exit $failed

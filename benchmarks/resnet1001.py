@@ -14,6 +14,8 @@ for a few steps in every variant below, all from the same initial weights and on
     eager_amp        bf16  channels_last   autocast
     compile_amp      bf16  channels_last   torch.compile of the eager model, autocast
     fused_amp        bf16  channels_last   preact_fused with the best available backend, autocast
+    fused_amp_min    bf16  channels_last   fused_amp with memory="min": each unit recomputed in
+                                           backward from its input, the only activation it saves
 
 Per variant and batch: images/s (median over the timed steps after warm-up, with 20/80% quantiles;
 CUDA events on a GPU, ``time.perf_counter`` on CPU), peak memory (``max_memory_allocated`` over the
@@ -63,6 +65,7 @@ class Variant:
     backend: str | None = None    # the fused backend; "best" = cuda > triton > reference
     compile: bool = False
     checkpoint: bool = False
+    memory: str = "activations"   # the fused models' memory mode ("min": recompute units in backward)
 
     @property
     def dtype(self) -> str:
@@ -83,6 +86,7 @@ VARIANTS = (
     Variant("eager_amp", amp=True),
     Variant("compile_amp", amp=True, compile=True),
     Variant("fused_amp", amp=True, fused=True, backend="best"),
+    Variant("fused_amp_min", amp=True, fused=True, backend="best", memory="min"),
 )
 REFERENCE = "eager"                                 # losses are compared to this variant's
 PEERS = {"fp32": "eager_cl", "bf16": "eager_amp"}   # PyTorch's own path in each dtype
@@ -166,7 +170,7 @@ class Runner:
         if self.backend == "best":
             self.backend = best_backend(device)
         model = preact_fused.preact_resnet(args.depth, fused=variant.fused,
-                                           backend=self.backend or "auto")
+                                           backend=self.backend or "auto", memory=variant.memory)
         model.load_state_dict(state)
         model.to(device)
         if variant.channels_last:

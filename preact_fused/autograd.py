@@ -224,8 +224,17 @@ def resolve_ops(name: str, x: torch.Tensor):
     return _backend.resolve(name, x.device)
 
 
+# Device types with an autocast mode, found once at import: torch.amp.is_autocast_available is a C
+# function that torch.compile cannot trace in every supported torch release (2.11 breaks the graph
+# on it), a set lookup it can.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu",
+                torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(t))
+
+
 def _autocast_available(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type)
+    return device_type in _AUTOCAST_DEVICE_TYPES
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -181,11 +181,13 @@ def test_resnet_benchmark_cpu_smoke(tmp_path, capsys, torch_settings):
     out = capsys.readouterr().out
     record = json.loads((tmp_path / "resnet164.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
-    assert {"eager", "eager_cl", "checkpoint", "fused_reference", "eager_amp", "fused_amp"} <= set(rows)
+    assert {"eager", "eager_cl", "checkpoint", "fused_reference", "eager_amp", "fused_amp", "fused_amp_min"} <= set(rows)
     assert "compile_amp" in record["skipped"] and "SKIP compile_amp" in out
     for row in rows.values():
         assert row["images_per_s"] > 0 and row["saved_bytes"] > 0 and row["tflops"] > 0
     assert rows["fused_reference"]["saved_bytes"] < rows["eager"]["saved_bytes"]
+    assert rows["fused_amp_min"]["saved_bytes"] < rows["fused_amp"]["saved_bytes"]
+    assert not rows["fused_amp_min"]["drift"]
     assert status == (1 if any(r.get("drift") for r in rows.values()) else 0)
     assert (tmp_path / "resnet164.csv").read_text().count("\n") == 1 + len(rows)
     if importlib.util.find_spec("matplotlib") is not None:

@@ -38,21 +38,27 @@ AUTOTUNE = os.environ.get("PREACT_FUSED_TRITON_AUTOTUNE", "1") != "0"
 def _configs(m_tiles, n_tiles, k_tiles):
     """Tile configurations for Hopper/Ampere GPUs; one small fixed tile under the interpreter.
 
-    num_warps stays 4: a tap loop has been seen to miscompile with 8 warps, and
-    tests/test_triton_gpu.py checks every configuration listed here against the reference. With 4
-    warps an accumulator above 128 x 64 fp32 spills (sm_90 build: 255 registers), so larger tiles
-    are left out.
+    Warps follow the accumulator: 8 from 128 x 64 fp32 values up, 4 below. With 4 warps a 128 x 64
+    tile needs all 255 registers and spills in the epilogue, 128 x 128 spills hundreds of bytes.
+    tests/test_triton_compile.py compiles every build the ResNet-1001 shapes can select for sm_90
+    and checks that none spills; tests/test_triton_gpu.py checks every configuration listed here
+    against the reference.
     """
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)
-            for bn in n_tiles for bk in k_tiles for bm in m_tiles if bm * bn <= 128 * 64]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8 if bm * bn >= 128 * 64 else 4,
+                          num_stages=3)
+            for bn in n_tiles for bk in k_tiles for bm in m_tiles]
 
 
 # Forward / dgrad: rows x output channels x reduced channels per tap.
 CONV_CONFIGS = _configs((64, 128), (16, 32, 64, 128), (16, 32, 64))
 # wgrad: input channels x output channels x output pixels.
 WGRAD_CONFIGS = _configs((16, 32, 64, 128), (16, 32, 64, 128), (32, 64))
+
+# Exact fp32 products ('ieee') run on the FMA units with both operand tiles in registers: reduction
+# blocks above 32 spill at the larger tiles, so they are left out for that precision.
+IEEE_MAX_BLOCK_K = 32
 
 
 def _fitting(fitted):
@@ -61,10 +67,13 @@ def _fitting(fitted):
     fitted maps a block name to the argument it tiles: the block must be the channel count rounded
     up to a power of two (at least 16, tl.dot's minimum), or the largest block listed when the count
     is larger. A whole channel range in one tile reads the gathered operand once; the remaining
-    choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times.
+    choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times. Exact fp32 keeps
+    BLOCK_K <= IEEE_MAX_BLOCK_K.
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
+        if args["PRECISION"] == "ieee":
+            configs = [c for c in configs if c.kwargs["BLOCK_K"] <= IEEE_MAX_BLOCK_K]
         targets = {block: min(max(16, triton.next_power_of_2(args[arg])), max(c.kwargs[block] for c in configs))
                    for block, arg in fitted.items()}
         return [c for c in configs if all(c.kwargs[b] == t for b, t in targets.items())]

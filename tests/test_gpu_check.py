@@ -1,0 +1,65 @@
+"""benchmarks/gpu_check.sh, the prepared GPU run, driven by a stand-in python that records each call.
+
+The stand-in exits with the status the test chooses per part, so the order of the parts, their
+commands, the failure accounting and the time budget are checked without a GPU.
+"""
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STUB = """#!/usr/bin/env bash
+echo "$*" >> "{log}"
+case "$*" in
+  "-c import xdist") exit {xdist} ;;
+  *pytest*) exit {tests} ;;
+esac
+exit 0
+"""
+
+
+def _run(tmp_path, budget=510, xdist=0, tests=0):
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text(STUB.format(log=log, xdist=xdist, tests=tests))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(stub), "PREACT_GPU_CHECK_BUDGET": str(budget)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    calls = [line for line in log.read_text().splitlines() if line not in ("-", "-c import xdist")]
+    return done, calls, (out / "summary.txt").read_text()
+
+
+def test_parts_run_in_order_and_pass(tmp_path):
+    done, calls, summary = _run(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [c.split()[1] for c in calls] == ["pip", "pytest", "benchmarks.ops_bench", "benchmarks.resnet1001",
+                                             "benchmarks.resnet1001"]
+    assert calls[1].startswith("-m pytest -m cuda") and calls[1].endswith("-n 8")
+    assert [line.split(":")[0] for line in summary.splitlines()[:5]] == ["build", "tests", "ops", "bench",
+                                                                         "bench_compile"]
+    assert all(": ok in " in line for line in summary.splitlines()[:5])
+    assert summary.splitlines()[-1].startswith("total ")
+
+
+def test_tests_run_serially_without_xdist(tmp_path):
+    done, calls, _ = _run(tmp_path, xdist=1)
+    assert done.returncode == 0
+    assert calls[1].endswith("-q -rs")
+
+
+def test_a_failed_part_is_recorded_and_the_rest_still_run(tmp_path):
+    done, calls, summary = _run(tmp_path, tests=1)
+    assert done.returncode == 1
+    assert "tests: FAILED (exit 1)" in summary
+    assert len(calls) == 5
+
+
+def test_parts_past_the_budget_are_skipped(tmp_path):
+    done, calls, summary = _run(tmp_path, budget=5)
+    assert done.returncode == 1
+    assert calls == []
+    assert "build: SKIPPED (time budget spent)" in summary

@@ -1,0 +1,69 @@
+"""The Triton kernels compile for Hopper (sm_90) without a GPU: every build that the ResNet-1001 shapes
+can select, in float32 (exact and TF32), bfloat16 and float16, compiles to a cubin, spills no
+register and fits the shared memory of one block.
+
+The builds run in a subprocess (tests/triton_aot.py) because kernels decorated under
+TRITON_INTERPRET=1, which this test session sets on a machine without a GPU, cannot be compiled.
+About 830 builds; a few minutes on two cores.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = 90
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_aot.py"), "--arch", str(ARCH),
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    print(done.stdout)
+    return json.loads(out.read_text())
+
+
+def _describe(build):
+    blocks = {k: v for k, v in build["constants"].items() if k.startswith("BLOCK")}
+    return f"{build['kernel']} {build['dtype']} {blocks} warps={build['num_warps']}"
+
+
+def test_every_kernel_and_dtype_is_built(report):
+    kernels = {(b["kernel"].rsplit(".", 1)[1], b["dtype"]) for b in report}
+    names = {"_conv_kernel", "_wgrad_kernel", "_bn_stats_kernel", "_bn_finalize_kernel", "_bn_backward_kernel"}
+    assert kernels == {(k, d) for k in names for d in ("float32", "float32-tf32", "bfloat16", "float16")}
+    # the forward, dgrad and both loaders are among the conv builds
+    switches = {(b["constants"]["TRANSPOSED"], b["constants"]["PREACT"], b["constants"]["BN_MASK"],
+                 b["constants"]["HAS_RESIDUAL"], b["constants"]["WANT_STATS"])
+                for b in report if b["kernel"].endswith("_conv_kernel")}
+    assert {(False, True, False, True, True), (False, False, False, False, True), (True, False, True, False, False),
+            (True, False, False, False, False)} <= switches
+
+
+def test_every_build_compiles(report):
+    failed = [f"{_describe(b)}: {b['error']}" for b in report if "error" in b]
+    assert not failed, "\n".join(failed)
+
+
+def test_no_build_spills_registers(report):
+    spilling = [f"{_describe(b)}: {b['registers']} registers, {b['stack']} stack bytes"
+                for b in report if "error" not in b and b["stack"]]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_every_build_fits_shared_memory(report):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from triton_aot import SHARED_LIMIT
+
+    over = [f"{_describe(b)}: {b['shared']} bytes" for b in report
+            if "error" not in b and b["shared"] > SHARED_LIMIT[ARCH]]
+    assert not over, "\n".join(over)
