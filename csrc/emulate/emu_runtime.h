@@ -23,8 +23,10 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
-struct uint4 { unsigned x, y, z, w; };
-struct float2 { float x, y; };
+// Aligned as CUDA's vector types: a vector access at a misaligned address faults on the GPU, and
+// here it is undefined behaviour that the sanitizer run (tests/test_cuda_build.py) reports.
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
