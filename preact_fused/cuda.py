@@ -161,10 +161,15 @@ def _conv_out(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _register_python_side() -> None:
+def _register_python_side(namespace: str = "preact_fused") -> None:
+    """Fake implementations of the ops of ``namespace`` and conv_fwd's autograd.
+
+    The extension's ops live in ``preact_fused``; the tests register the same for
+    ``preact_fused_emu``, the kernels built for the CPU emulator, and opcheck them there.
+    """
     cl = torch.channels_last
 
-    @torch.library.register_fake("preact_fused::conv_fwd")
+    @torch.library.register_fake(f"{namespace}::conv_fwd")
     def _conv_fwd_fake(x, weight, stride, padding, scale, shift, residual, want_stats):
         n, _, h, w = x.shape
         cout, _, kh, kw = weight.shape
@@ -173,32 +178,36 @@ def _register_python_side() -> None:
         tiles = (n * ho * wo + TILE_ROWS - 1) // TILE_ROWS if want_stats else 0
         return y, torch.empty((3, tiles, cout), dtype=torch.float32, device=x.device)
 
-    @torch.library.register_fake("preact_fused::bn_stats")
+    @torch.library.register_fake(f"{namespace}::bn_stats")
     def _bn_stats_fake(x):
         n, c, h, w = x.shape
         return torch.empty((3, (n * h * w + TILE_ROWS - 1) // TILE_ROWS, c), dtype=torch.float32, device=x.device)
 
-    @torch.library.register_fake("preact_fused::bn_finalize")
+    @torch.library.register_fake(f"{namespace}::bn_finalize")
     def _bn_finalize_fake(partials, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
         c = partials.shape[2]
         return tuple(torch.empty((c,), dtype=torch.float32, device=partials.device) for _ in range(4))
 
-    @torch.library.register_fake("preact_fused::conv_dgrad")
+    @torch.library.register_fake(f"{namespace}::conv_dgrad")
     def _conv_dgrad_fake(dy, weight, x, stride, padding, scale, shift, mean):
         g = torch.empty(tuple(x.shape), dtype=dy.dtype, device=dy.device, memory_format=cl)
         c = x.shape[1] if scale is not None else 0
         return (g, torch.empty((c,), dtype=torch.float32, device=dy.device),
                 torch.empty((c,), dtype=torch.float32, device=dy.device))
 
-    @torch.library.register_fake("preact_fused::conv_wgrad")
+    @torch.library.register_fake(f"{namespace}::conv_wgrad")
     def _conv_wgrad_fake(x, dy, weight_shape, stride, padding, scale, shift):
         return torch.empty(tuple(weight_shape), dtype=torch.float32, device=x.device)
 
-    @torch.library.register_fake("preact_fused::bn_backward")
+    @torch.library.register_fake(f"{namespace}::bn_backward")
     def _bn_backward_fake(g, x, mean, invstd, scale, sum_g, sum_gx, training, d_residual):
         return torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device, memory_format=cl)
 
-    torch.library.register_autograd("preact_fused::conv_fwd", _conv_fwd_backward, setup_context=_conv_fwd_setup)
+    def setup_context(ctx, inputs, output):
+        _conv_fwd_setup(ctx, inputs, output)
+        ctx.ops = getattr(torch.ops, namespace)
+
+    torch.library.register_autograd(f"{namespace}::conv_fwd", _conv_fwd_backward, setup_context=setup_context)
 
 
 def _conv_fwd_setup(ctx, inputs, output):
@@ -217,7 +226,7 @@ def _conv_fwd_backward(ctx, dy, _d_partials):
     x, weight, scale, shift = ctx.saved_tensors
     stride, padding = ctx.conv
     needs = ctx.needs_input_grad
-    ops = torch.ops.preact_fused
+    ops = ctx.ops
     dx = dw = dscale = dshift = d_residual = None
     if scale is None:
         if needs[0]:

@@ -254,3 +254,34 @@ def check_bn_backward(ops, case, dtype, device, layout_name, training, with_resi
                                  training, d_res64 if with_residual else None)
     same = reference.bn_backward(grad, t["x"], *args, *sums, training, d_res)
     assert_close("bn_backward dx", dx, dx64, dtype, same)
+
+
+def opcheck_samples(dtype, device):
+    """Arguments for torch.library.opcheck of each op of the CUDA extension's schema, by op name.
+
+    Every optional input both given and None, statistics partials (from the reference), the running
+    statistics updated in place with a momentum and with ``momentum=None``, and conv_fwd with
+    inputs that require grad (its registered autograd).
+    """
+    case = ConvCase(2, 16, 24, 9, 9, 3, 2)
+    t = cast(make_inputs(case, dtype, device), dtype, device, "channels_last")
+    x, w, dy = t["x"], t["w"], t["dy"]
+    scale, shift, mean, invstd = t["scale"], t["shift"], t["mean"], t["invstd"]
+    partials = reference.bn_stats(x)
+    c = x.shape[1]
+    grad_inputs = [v.detach().clone().requires_grad_() for v in (x, w, scale, shift, t["residual"])]
+
+    def running():
+        return torch.zeros(c, device=device), torch.ones(c, device=device)
+
+    return {
+        "conv_fwd": [(x, w, 2, 1, scale, shift, t["residual"], True), (x, w, 2, 1, None, None, None, False),
+                     (*grad_inputs[:2], 2, 1, *grad_inputs[2:], False)],
+        "bn_stats": [(x,)],
+        "bn_finalize": [(partials, t["gamma"], t["beta"], 1e-5, *running(), 0.1, None),
+                        (partials, None, None, 1e-5, *running(), None, torch.tensor(3, device=device))],
+        "conv_dgrad": [(dy, w, x, 2, 1, scale, shift, mean), (dy, w, x, 2, 1, None, None, None)],
+        "conv_wgrad": [(x, dy, list(w.shape), 2, 1, scale, shift), (x, dy, list(w.shape), 2, 1, None, None)],
+        "bn_backward": [(x, x, mean, invstd, scale, mean, invstd, True, x),
+                        (x, x, mean, invstd, scale, mean, invstd, False, None)],
+    }

@@ -15,7 +15,7 @@ import preact_fused.cuda as ops
 from preact_fused import reference
 
 from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, cast, check_bn_backward, check_bn_stats_finalize,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs)
+                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs, opcheck_samples)
 
 pytestmark = pytest.mark.cuda
 
@@ -131,34 +131,11 @@ def test_dgrad_and_wgrad_are_deterministic():
 
 # ---- torch.library: opcheck, torch.compile, CUDA graphs ----------------------------------------
 
-def _opcheck_samples(dtype):
-    case = ConvCase(2, 16, 24, 9, 9, 3, 2)
-    t = cast(make_inputs(case, dtype, DEVICE), dtype, DEVICE, "channels_last")
-    x, w, dy = t["x"], t["w"], t["dy"]
-    scale, shift, mean, invstd = t["scale"], t["shift"], t["mean"], t["invstd"]
-    partials = ops.bn_stats(x)
-    c = x.shape[1]
-    grad_inputs = [v.detach().clone().requires_grad_() for v in (x, w, scale, shift, t["residual"])]
-    return {
-        "conv_fwd": [(x, w, 2, 1, scale, shift, t["residual"], True), (x, w, 2, 1, None, None, None, False),
-                     (*grad_inputs[:2], 2, 1, *grad_inputs[2:], False)],
-        "bn_stats": [(x,)],
-        "bn_finalize": [(partials, t["gamma"], t["beta"], 1e-5, torch.zeros(c, device=DEVICE),
-                         torch.ones(c, device=DEVICE), 0.1, None),
-                        (partials, None, None, 1e-5, torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE),
-                         None, torch.tensor(3, device=DEVICE))],
-        "conv_dgrad": [(dy, w, x, 2, 1, scale, shift, mean), (dy, w, x, 2, 1, None, None, None)],
-        "conv_wgrad": [(x, dy, list(w.shape), 2, 1, scale, shift), (x, dy, list(w.shape), 2, 1, None, None)],
-        "bn_backward": [(x, x, mean, invstd, scale, mean, invstd, True, x), (x, x, mean, invstd, scale, mean, invstd,
-                                                                             False, None)],
-    }
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ops.OPS)
 def test_opcheck(name, dtype):
     op = getattr(torch.ops.preact_fused, name).default
-    for args in _opcheck_samples(dtype)[name]:
+    for args in opcheck_samples(dtype, DEVICE)[name]:
         torch.library.opcheck(op, args)
 
 

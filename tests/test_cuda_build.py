@@ -20,7 +20,7 @@ import preact_fused.cuda as cuda_backend
 from preact_fused import reference
 
 from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, check_bn_backward, check_bn_stats_finalize,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs)
+                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs, opcheck_samples)
 
 SCHEMAS = {
     "conv_fwd": "preact_fused::conv_fwd(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, "
@@ -207,6 +207,7 @@ def emulated_build(tmp_path_factory):
          extra_include_paths=[os.path.join(CSRC, "emulate"), CSRC],
          extra_cflags=["-DPF_EMULATE", "-O1", "-ffp-contract=off"],
          build_directory=str(tmp_path_factory.mktemp("emulated_build")), is_python_module=False, with_cuda=False)
+    cuda_backend._register_python_side("preact_fused_emu")
     return torch.ops.preact_fused_emu
 
 
@@ -324,3 +325,14 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     out = subprocess.run([sys.executable, "-c", _ASAN_SCRIPT, CSRC, str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=1800)
     assert out.returncode == 0 and out.stdout.strip().endswith("clean"), out.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", cuda_backend.OPS)
+def test_emulated_opcheck(emulated_build, name, dtype):
+    """torch.library.opcheck of the extension's schemas, fakes and conv_fwd's autograd (registered by
+    preact_fused.cuda for any namespace) with the emulated kernels: declared mutations, fake shapes
+    and strides against real outputs, autograd registration, AOT dispatch."""
+    for args in opcheck_samples(dtype, "cpu")[name]:
+        torch.library.opcheck(getattr(emulated_build, name).default, args)
