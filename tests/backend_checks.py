@@ -285,3 +285,34 @@ def opcheck_samples(dtype, device):
         "bn_backward": [(x, x, mean, invstd, scale, mean, invstd, True, x),
                         (x, x, mean, invstd, scale, mean, invstd, False, None)],
     }
+
+
+def check_compiled_unit(ops, device):
+    """Two fused convs joined by bn_finalize, under torch.compile(fullgraph=True): no graph break
+    (the backend's wrappers and its ops' fakes trace) and the eager result, bit for bit."""
+    case = ConvCase(4, 32, 32, 16, 16, 3, 1)
+    t = cast(make_inputs(case, torch.bfloat16, device), torch.bfloat16, device, "channels_last")
+
+    def unit(x, w, scale, shift, residual):
+        y, partials = ops.conv_fwd(x, w, 1, 1, scale, shift, residual, True)
+        mean, invstd, s2, b2 = ops.bn_finalize(partials, None, None, 1e-5)
+        return ops.conv_fwd(y, w, 1, 1, s2, b2, None, False)[0]
+
+    args = (t["x"], t["w"], t["scale"], t["shift"], t["residual"])
+    compiled = torch.compile(unit, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(*args), unit(*args))
+
+
+def check_conv_fwd_autograd(ops, device):
+    """The gradients of ops.conv_fwd (its own registered autograd) against the reference's autograd
+    in float64: x, w, scale, shift and residual, odd sizes, stride 2."""
+    case = ConvCase(2, 17, 5, 9, 9, 3, 2)
+    inputs = make_inputs(case, torch.float64, "cpu")
+    leaves64 = {k: inputs[k].clone().requires_grad_() for k in ("x", "w", "scale", "shift", "residual")}
+    leaves = {k: v.detach().to(device, torch.float32).requires_grad_() for k, v in leaves64.items()}
+    for leaf_set, fn in ((leaves64, reference.conv_fwd), (leaves, ops.conv_fwd)):
+        y, _ = fn(leaf_set["x"], leaf_set["w"], 2, 1, leaf_set["scale"], leaf_set["shift"], leaf_set["residual"])
+        (y * inputs["dy"].to(y.device, y.dtype)).sum().backward()
+    for k in leaves:
+        got, want = leaves[k].grad.double().cpu(), leaves64[k].grad
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), k

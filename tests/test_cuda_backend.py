@@ -15,7 +15,8 @@ import preact_fused.cuda as ops
 from preact_fused import reference
 
 from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, cast, check_bn_backward, check_bn_stats_finalize,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs, opcheck_samples)
+                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_fwd_autograd,
+                            check_conv_wgrad, make_inputs, opcheck_samples)
 
 pytestmark = pytest.mark.cuda
 
@@ -140,17 +141,7 @@ def test_opcheck(name, dtype):
 
 
 def test_torch_compile_fullgraph():
-    case = ConvCase(4, 32, 32, 16, 16, 3, 1)
-    t = cast(make_inputs(case, torch.bfloat16, DEVICE), torch.bfloat16, DEVICE, "channels_last")
-
-    def unit(x, w, scale, shift, residual):
-        y, partials = ops.conv_fwd(x, w, 1, 1, scale, shift, residual, True)
-        mean, invstd, s2, b2 = ops.bn_finalize(partials, None, None, 1e-5)
-        return ops.conv_fwd(y, w, 1, 1, s2, b2, None, False)[0]
-
-    args = (t["x"], t["w"], t["scale"], t["shift"], t["residual"])
-    compiled = torch.compile(unit, fullgraph=True, dynamic=False)
-    assert torch.equal(compiled(*args), unit(*args))
+    check_compiled_unit(ops, DEVICE)
 
 
 def test_cuda_graph_capture():
@@ -181,17 +172,7 @@ def test_cuda_graph_capture():
 
 
 def test_conv_fwd_autograd_matches_reference():
-    """The op's own autograd formula (registered with torch.library) against the reference's autograd."""
-    case = ConvCase(2, 17, 5, 9, 9, 3, 2)
-    inputs = make_inputs(case, torch.float64, "cpu")
-    leaves64 = {k: inputs[k].clone().requires_grad_() for k in ("x", "w", "scale", "shift", "residual")}
-    leaves = {k: v.detach().to(DEVICE, torch.float32).requires_grad_() for k, v in leaves64.items()}
-    for leaf_set, fn in ((leaves64, reference.conv_fwd), (leaves, ops.conv_fwd)):
-        y, _ = fn(leaf_set["x"], leaf_set["w"], 2, 1, leaf_set["scale"], leaf_set["shift"], leaf_set["residual"])
-        (y * inputs["dy"].to(y.device, y.dtype)).sum().backward()
-    for k in leaves:
-        got, want = leaves[k].grad.double().cpu(), leaves64[k].grad
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), k
+    check_conv_fwd_autograd(ops, DEVICE)
 
 
 # ---- a fused ResNet-1001 trained a few steps ----------------------------------------------------

@@ -20,7 +20,8 @@ import preact_fused.cuda as cuda_backend
 from preact_fused import reference
 
 from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, check_bn_backward, check_bn_stats_finalize,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs, opcheck_samples)
+                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_fwd_autograd,
+                            check_conv_wgrad, opcheck_samples)
 
 SCHEMAS = {
     "conv_fwd": "preact_fused::conv_fwd(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, "
@@ -262,26 +263,15 @@ def test_emulated_bn(emu, dtype, layout_name):
 
 @pytest.mark.slow
 def test_emulated_conv_fwd_autograd(emu):
-    """conv_fwd's registered backward formula, run through the emulated dgrad / wgrad / bn_backward."""
-    case = ODD_CASES[1]
-    inputs = make_inputs(case, torch.float64, "cpu")
-    keys = ("x", "w", "scale", "shift", "residual")
-    leaves64 = {k: inputs[k].clone().requires_grad_() for k in keys}
-    leaves = {k: v.detach().float().requires_grad_() for k, v in leaves64.items()}
-    y64, _ = reference.conv_fwd(leaves64["x"], leaves64["w"], case.stride, case.padding, leaves64["scale"],
-                                leaves64["shift"], leaves64["residual"])
-    (y64 * inputs["dy"]).sum().backward()
-    ops = torch.ops.preact_fused_emu
-    t = {k: v.detach() for k, v in leaves.items()}
-    dy = inputs["dy"].float()
-    zero = torch.zeros_like(t["scale"])
-    g, sum_g, sum_gx = ops.conv_dgrad(dy, t["w"], t["x"], case.stride, case.padding, t["scale"], t["shift"], zero)
-    grads = {"x": ops.bn_backward(g, t["x"], zero, zero, t["scale"], sum_g, sum_gx, False, None),
-             "w": ops.conv_wgrad(t["x"], dy, list(t["w"].shape), case.stride, case.padding, t["scale"], t["shift"]),
-             "scale": sum_gx, "shift": sum_g, "residual": dy}
-    for k in keys:
-        want = leaves64[k].grad
-        assert (grads[k].double() - want).abs().max() <= 1e-4 * want.abs().max(), k
+    """conv_fwd's registered backward (preact_fused.cuda) through the emulated dgrad / wgrad /
+    bn_backward, against the reference's autograd in float64."""
+    check_conv_fwd_autograd(emu, "cpu")
+
+
+@pytest.mark.slow
+def test_emulated_compiled_unit(emu):
+    """The cuda backend's wrappers and fakes under torch.compile(fullgraph=True), emulated kernels."""
+    check_compiled_unit(emu, "cpu")
 
 
 _ASAN_SCRIPT = r"""
