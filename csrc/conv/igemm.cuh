@@ -515,4 +515,30 @@ cudaError_t launch_igemm(const IgemmParams<T>& p, cudaStream_t stream) {
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// The GEMM geometry shared by the forward and dgrad: rows are the pixels of the [s.n, row_h, row_w]
+// grid, the gathered operand src is NHWC [s.n, src_h, src_w, src_c] (fwd: x, dgrad: dy), the
+// reduction runs over the s.kh * s.kw taps of src_c channels against w_packed [.., k_pad], and the
+// output has `cols` columns. Loader and epilogue fields are left to the caller.
+template <typename T>
+void set_igemm_geometry(IgemmParams<T>& p, const ConvShape& s, const void* src, int src_h, int src_w, int src_c,
+                        int row_h, int row_w, int cols, const void* w_packed, int k_pad) {
+  p.src = static_cast<const T*>(src);
+  p.src_h = src_h;
+  p.src_w = src_w;
+  p.src_c = src_c;
+  p.row_h = row_h;
+  p.row_w = row_w;
+  p.rows = s.n * row_h * row_w;
+  p.kw = s.kw;
+  p.stride = s.stride;
+  p.pad = s.pad;
+  p.k = s.kh * s.kw * src_c;
+  p.k_pad = k_pad;
+  p.wt = static_cast<const T*>(w_packed);
+  p.cols = cols;
+  p.tiles = ceil_div(p.rows, kTileRows);
+  p.col_tiles = ceil_div(cols, conv_tile_cols(cols));
+  p.a_vec = src_c % Elem<T>::kVec == 0 && aligned16(src);
+}
+
 }  // namespace preact_fused
