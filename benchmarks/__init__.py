@@ -2,7 +2,10 @@
 
     python -m benchmarks.resnet1001     ResNet-1001 training: images/s, memory, max batch, roofline
     python -m benchmarks.ops_bench      one fused BN-ReLU-conv triple per ResNet-1001 shape vs eager
-    bash benchmarks/gpu_check.sh OUT    the prepared GPU run: build, GPU tests, both benchmarks
+                                        (modules, with autograd)
+    python -m benchmarks.kernel_ops     GPU: the same triples at the kernel level, per backend and
+                                        per op, against eager cuDNN and the minimum-bytes time
+    bash benchmarks/gpu_check.sh OUT    the prepared GPU run: build, GPU tests, the benchmarks
 
 This module holds what the scripts share: timing, the device's name and the run's environment.
 """

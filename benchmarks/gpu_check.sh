@@ -4,17 +4,20 @@
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # Parts, in order of importance after the build, each capped with `timeout` and all together by
-# PREACT_GPU_CHECK_BUDGET seconds (default 510); a part that fails or runs out of time is recorded
+# PREACT_GPU_CHECK_BUDGET seconds (default 540); a part that fails or runs out of time is recorded
 # and the next one runs. Exit status 1 when any part failed. OUTDIR receives:
 #   env.txt                    nvidia-smi, python / torch / triton / CUDA versions
 #   build.log                  pip install --no-build-isolation -e .  (builds the CUDA extension)
 #   tests.log                  pytest -m cuda (8 workers with pytest-xdist when it is installed:
 #                              compiling the Triton kernels for every tested configuration is CPU work)
-#   ops/                       one fused triple per ResNet-1001 shape vs eager, do_bench (ops.log)
-#   bench/                     ResNet-1001 at batch 64 and 128, every variant but torch.compile,
-#                              largest batch of eager_amp and fused_amp (table in bench.log)
+#   kernels/                   kernel-level: each ResNet-1001 triple's fused forward and backward per
+#                              backend (triton, cuda) and per op, vs eager cuDNN and the minimum-bytes
+#                              time, do_bench (kernels.log, kernel_ops.csv)
+#   bench/                     ResNet-1001 at batch 128, every variant but torch.compile and the
+#                              reference backend, largest batch of eager_amp and fused_amp (bench.log)
 #   bench_compile/             eager, eager_amp, torch.compile and fused_amp at batch 128: compiling
 #                              ResNet-1001 takes minutes, once per batch size (bench_compile.log)
+#   ops/                       module-level: BNReLUConv2d per backend vs eager modules, do_bench (ops.log)
 #   summary.txt                each part's status and duration
 set -uo pipefail
 
@@ -27,7 +30,7 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
-budget="${PREACT_GPU_CHECK_BUDGET:-510}"
+budget="${PREACT_GPU_CHECK_BUDGET:-540}"
 start=$(date +%s)
 failed=0
 : > "$out/summary.txt"
@@ -76,13 +79,14 @@ workers=()
 "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
 
 run build 240 "$python" -m pip install --no-build-isolation -e .
-run tests 240 "$python" -m pytest -m cuda -q -rs "${workers[@]}"
-run ops 90 "$python" -m benchmarks.ops_bench --batch 128 --out "$out/ops"
-run bench 210 "$python" -m benchmarks.resnet1001 --batch 64 128 --warmup 3 --steps 10 \
-  --skip compile_amp --max-batch-variants eager_amp fused_amp --max-batch-cap 4096 \
+run tests 200 "$python" -m pytest -m cuda -q -rs "${workers[@]}"
+run kernels 120 "$python" -m benchmarks.kernel_ops --batch 128 --out "$out/kernels"
+run bench 150 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 8 \
+  --skip compile_amp fused_reference --max-batch-variants eager_amp fused_amp --max-batch-cap 4096 \
   --max-batch-resolution 64 --out "$out/bench"
 run bench_compile 240 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 10 \
   --variants eager eager_amp compile_amp fused_amp --max-batch-cap 0 --out "$out/bench_compile"
+run ops 90 "$python" -m benchmarks.ops_bench --batch 128 --providers eager triton cuda --out "$out/ops"
 
 echo "total $(( $(date +%s) - start ))s" | tee -a "$out/summary.txt"
 exit $failed

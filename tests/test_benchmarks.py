@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import preact_fused
 from benchmarks.resnet1001 import check_losses, largest_batch, main
 from benchmarks.roofline import conv_layers, step_bytes, step_flops
+from preact_fused import reference
 from preact_fused.data import TEST_FILES, TRAIN_FILES, load_cifar10, normalize, read_batch
 
 
@@ -205,3 +206,24 @@ def test_ops_bench_shapes_and_cases():
     small = min((shape for shape, _ in shapes), key=lambda s: s.x_elems * s.cout)
     for provider in ("eager", "reference"):
         make_case(small, provider, 2, torch.device("cpu"))()
+
+
+@pytest.mark.parametrize("name", ["stem", "s1.conv3", "s2.conv2.first", "s3.shortcut"])
+def test_kernel_ops_times_every_closure_of_a_triple(name):
+    """benchmarks.kernel_ops' closures call the six contracts correctly (here on the reference, CPU,
+    a small batch and map): every op, the fused forward and backward, eager forward and backward."""
+    from benchmarks.kernel_ops import OPS, RESNET1001_TRIPLES, Triple, measure
+
+    _, cin, cout, _, k, stride = next(t for t in RESNET1001_TRIPLES if t[0] == name)
+    triple = Triple(reference, name, cin, cout, 8, k, stride, 2, torch.float32, device="cpu")
+    results = []
+    row = measure(triple, lambda fn: results.append(fn()) or 1.0)
+    assert set(row) == {f"{op}_ms" for op in OPS} | {"fused_fwd_ms", "fused_bwd_ms"}
+    assert row["bn_backward_ms"] == (0.0 if name == "stem" else 1.0)
+    y, partials = triple.fused_forward()
+    assert y.shape == triple.dy.shape and (partials is not None) == triple.want_stats
+    assert triple.eager_forward().shape == y.shape
+    dx, dw, *bn_grads = triple.eager_backward_closure()()
+    assert dx.shape == triple.x.shape and dw.shape == triple.weight.shape and len(bn_grads) == 2 * triple.with_bn
+    fwd_bytes, bwd_bytes = triple.min_bytes()
+    assert fwd_bytes > 0 and bwd_bytes > fwd_bytes / 2

@@ -1,4 +1,4 @@
-"""Per-op GPU timings of the Triton fused BN-ReLU-conv triple against eager cuDNN BN + ReLU + conv.
+"""Kernel-level GPU timings of the fused BN-ReLU-conv triple, per backend, against eager cuDNN.
 
 For every distinct triple of the CIFAR ResNet-1001 (tests/test_triton_gpu.py, RESNET1001_TRIPLES),
 channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench``) of
@@ -9,33 +9,38 @@ channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench
   eager forward   F.batch_norm (training) + relu + conv2d [+ residual]
   eager backward  autograd through the same (dx, dw, dgamma, dbeta)
 
-and each Triton op alone. The minimum-bytes time is the time to move, at the measured copy
-bandwidth (a 1 GiB device-to-device copy), the bytes no implementation can avoid: forward x and y
-(+ residual), backward dy, x and dx. Network totals weight each triple by its count in ResNet-1001.
+for each fused backend (``triton``, ``cuda``: the six contract functions called directly, no
+autograd), and each of its ops alone. The minimum-bytes time is the time to move, at the measured
+copy bandwidth (a 1 GiB device-to-device copy), the bytes no implementation can avoid: forward x
+and y (+ residual), backward dy, x and dx. Network totals weight each triple by its count in
+ResNet-1001; with both backends, the CUDA backend's time is also given relative to Triton's.
 
-Rows are appended to benchmarks/results/triton_ops.csv (device, versions, dtype, layout, batch,
-cuDNN TF32 setting, date on every row) and a table is printed.
+Rows are appended to ``kernel_ops.csv`` under benchmarks/results/<device>/ (or ``--out``), with
+device, versions, dtype, layout, batch and TF32 setting on every row; a table is printed.
 
-    python benchmarks/triton_ops.py [--batch 128] [--dtype bfloat16] [--only s1.conv2 s3.conv1]
+    python -m benchmarks.kernel_ops [--backends triton cuda] [--batch 128] [--dtype bfloat16]
+                                    [--only s1.conv2 s3.conv1] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
-import os
+import importlib
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+from . import RESULTS, device_slug, fast_backend_reason
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_triton_gpu import RESNET1001_TRIPLES  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "triton_ops.csv")
+BACKENDS = ("triton", "cuda")
+MODULES = {"triton": "preact_fused.triton", "cuda": "preact_fused.cuda"}
+OPS = ("conv_fwd", "conv_dgrad", "bn_backward", "conv_wgrad")
 EPS = 1e-5
 
 
@@ -83,7 +88,7 @@ class Triple:
         self.eager_beta = self.beta.clone().requires_grad_()
         self.eager_running = tuple(t.clone() for t in self.running)
 
-    # -- fused (Triton) ------------------------------------------------------------------------
+    # -- fused (the backend's six contracts) ------------------------------------------------------
     def fused_forward(self):
         scale = shift = None
         if self.with_bn:
@@ -147,22 +152,42 @@ COUNTS = {  # occurrences of each triple in ResNet-1001 (111 units per stage)
 }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def measure(t: Triple, bench) -> dict:
+    """Medians (ms) of the backend's ops alone and of the fused forward and backward of triple t."""
+    row = {f"{op}_ms": bench(getattr(t, op)) if (op != "bn_backward" or t.with_bn) else 0.0 for op in OPS}
+    row["fused_fwd_ms"] = bench(t.fused_forward)
+    row["fused_bwd_ms"] = bench(t.fused_backward)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_ops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="fused backends to time (default: those that run here)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--only", nargs="*", help="triple names to run (default: all)")
     parser.add_argument("--tf32", action="store_true", help="float32: TF32 in Triton and cuDNN (default: exact)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     import triton
     import triton.testing
 
-    import preact_fused.triton as ops
-
+    device = torch.device("cuda")
+    backends = {}
+    for name in args.backends:
+        reason = fast_backend_reason(name, device)
+        if reason is None:
+            backends[name] = importlib.import_module(MODULES[name])
+        else:
+            print(f"SKIP {name}: {reason}")
+    if not backends:
+        raise SystemExit("no fused backend runs here")
+    if "triton" in backends:
+        backends["triton"].set_fp32_precision("tf32" if args.tf32 else "ieee")
     dtype = getattr(torch, args.dtype)
-    ops.set_fp32_precision("tf32" if args.tf32 else "ieee")
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = True
     bandwidth = copy_bandwidth()
@@ -177,48 +202,66 @@ def main():
 
     rows = []
     print(f"{common['device']}, {args.dtype}, channels_last, batch {args.batch}, copy {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'triple':16} {'fused fwd':>9} {'fused bwd':>9} {'eager fwd':>9} {'eager bwd':>9} {'speedup':>7} "
-          f"{'min-bytes':>9} {'x min':>6}   (ms)")
+    print(f"{'triple':16} {'backend':7} {'fused fwd':>9} {'fused bwd':>9} {'eager fwd':>9} {'eager bwd':>9} "
+          f"{'speedup':>7} {'min-bytes':>9} {'x min':>6}   (ms)")
     for name, cin, cout, hw, k, stride in RESNET1001_TRIPLES:
         if args.only and name not in args.only:
             continue
-        t = Triple(ops, name, cin, cout, hw, k, stride, args.batch, dtype)
-        row = {**common, "triple": name, "cin": cin, "cout": cout, "hw": hw, "k": k, "stride": stride,
-               "count": COUNTS[name]}
-        for op in ("conv_fwd", "conv_dgrad", "bn_backward", "conv_wgrad"):
-            row[f"{op}_ms"] = bench(getattr(t, op)) if (op != "bn_backward" or t.with_bn) else 0.0
-        row["fused_fwd_ms"] = bench(t.fused_forward)
-        row["fused_bwd_ms"] = bench(t.fused_backward)
-        row["eager_fwd_ms"] = bench(t.eager_forward)
-        row["eager_bwd_ms"] = bench(t.eager_backward_closure())
-        fwd_bytes, bwd_bytes = t.min_bytes()
-        row["min_bytes_ms"] = (fwd_bytes + bwd_bytes) / bandwidth * 1e3
-        fused = row["fused_fwd_ms"] + row["fused_bwd_ms"]
-        row["speedup"] = (row["eager_fwd_ms"] + row["eager_bwd_ms"]) / fused
-        row["x_min_bytes"] = fused / row["min_bytes_ms"]
-        rows.append(row)
-        print(f"{name:16} {row['fused_fwd_ms']:9.4f} {row['fused_bwd_ms']:9.4f} {row['eager_fwd_ms']:9.4f} "
-              f"{row['eager_bwd_ms']:9.4f} {row['speedup']:7.2f} {row['min_bytes_ms']:9.4f} {row['x_min_bytes']:6.2f}")
-        del t
-        torch.cuda.empty_cache()
+        eager = None
+        for backend, ops in backends.items():
+            t = Triple(ops, name, cin, cout, hw, k, stride, args.batch, dtype)
+            if eager is None:  # the same eager figures for every backend of this triple
+                eager = {"eager_fwd_ms": bench(t.eager_forward), "eager_bwd_ms": bench(t.eager_backward_closure())}
+            row = {**common, "triple": name, "backend": backend, "cin": cin, "cout": cout, "hw": hw, "k": k,
+                   "stride": stride, "count": COUNTS[name], **measure(t, bench), **eager}
+            fwd_bytes, bwd_bytes = t.min_bytes()
+            row["min_bytes_ms"] = (fwd_bytes + bwd_bytes) / bandwidth * 1e3
+            fused = row["fused_fwd_ms"] + row["fused_bwd_ms"]
+            row["speedup"] = (row["eager_fwd_ms"] + row["eager_bwd_ms"]) / fused
+            row["x_min_bytes"] = fused / row["min_bytes_ms"]
+            rows.append(row)
+            print(f"{name:16} {backend:7} {row['fused_fwd_ms']:9.4f} {row['fused_bwd_ms']:9.4f} "
+                  f"{row['eager_fwd_ms']:9.4f} {row['eager_bwd_ms']:9.4f} {row['speedup']:7.2f} "
+                  f"{row['min_bytes_ms']:9.4f} {row['x_min_bytes']:6.2f}", flush=True)
+            del t
+            torch.cuda.empty_cache()
 
-    def total(key):
-        return sum(r[key] * r["count"] for r in rows)
-
-    fused = total("fused_fwd_ms") + total("fused_bwd_ms")
-    eager = total("eager_fwd_ms") + total("eager_bwd_ms")
-    floor = total("min_bytes_ms")
-    print(f"network (triples weighted by count): fused {fused:.2f} ms, eager {eager:.2f} ms, "
-          f"speedup {eager / fused:.2f}, {fused / floor:.2f}x the minimum-bytes time")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    new_file = not os.path.exists(RESULTS)
-    with open(RESULTS, "a", newline="") as f:
+    totals = network_totals(rows)
+    for backend, total in totals.items():
+        print(f"network, {backend} (triples weighted by count): fused {total['fused_ms']:.2f} ms, eager "
+              f"{total['eager_ms']:.2f} ms, speedup {total['speedup']:.2f}, "
+              f"{total['x_min_bytes']:.2f}x the minimum-bytes time")
+    if "triton" in totals and "cuda" in totals:
+        print(f"network: cuda / triton time {totals['cuda']['fused_ms'] / totals['triton']['fused_ms']:.2f}")
+    out = args.out or RESULTS / device_slug(device)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kernel_ops.csv"
+    new_file = not path.exists()
+    with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    print(f"appended {len(rows)} rows to {path}")
+    return 0
+
+
+def network_totals(rows: list[dict]) -> dict:
+    """Per backend: fused and eager time of one network step's triples (count x median), their ratio,
+    and the fused time over the minimum-bytes time."""
+    totals = {}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+
+        def total(key):
+            return sum(r[key] * r["count"] for r in mine)
+
+        fused = total("fused_fwd_ms") + total("fused_bwd_ms")
+        eager = total("eager_fwd_ms") + total("eager_bwd_ms")
+        totals[backend] = {"fused_ms": fused, "eager_ms": eager, "speedup": eager / fused,
+                           "x_min_bytes": fused / total("min_bytes_ms")}
+    return totals
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
