@@ -26,6 +26,12 @@ from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, check_bn_backward, che
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = torch.float32
+# The interpreter computes float16 dot products (numpy has them) but not bfloat16 ones: the convs
+# are checked here in float32 and float16 (the low-precision loads, casts and rounding before the
+# statistics are those of bfloat16), the kernels without a dot in all three dtypes. bfloat16
+# convolutions are checked on a GPU (tests/test_triton_gpu.py).
+CONV_DTYPES = [F32, torch.float16]
+ALL_DTYPES = [F32, torch.float16, torch.bfloat16]
 
 pytestmark = [
     pytest.mark.triton_interp,
@@ -44,40 +50,45 @@ FWD_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 @pytest.mark.parametrize("case", ODD_CASES, ids=str)
-def test_conv_fwd(case, layout_name):
+def test_conv_fwd(case, layout_name, dtype):
     for with_bn, with_residual, want_stats in FWD_VARIANTS[layout_name]:
-        check_conv_fwd(triton_ops, case, F32, DEVICE, layout_name, with_bn, with_residual, want_stats)
+        check_conv_fwd(triton_ops, case, dtype, DEVICE, layout_name, with_bn, with_residual, want_stats)
 
 
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 @pytest.mark.parametrize("case", ODD_CASES, ids=str)
-def test_conv_dgrad(case, layout_name):
-    check_conv_dgrad(triton_ops, case, F32, DEVICE, layout_name, with_bn=True)
-    check_conv_dgrad(triton_ops, case, F32, DEVICE, layout_name, with_bn=False)
+def test_conv_dgrad(case, layout_name, dtype):
+    check_conv_dgrad(triton_ops, case, dtype, DEVICE, layout_name, with_bn=True)
+    check_conv_dgrad(triton_ops, case, dtype, DEVICE, layout_name, with_bn=False)
 
 
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 @pytest.mark.parametrize("case", ODD_CASES, ids=str)
-def test_conv_wgrad(case, layout_name):
-    check_conv_wgrad(triton_ops, case, F32, DEVICE, layout_name, with_bn=True)
-    check_conv_wgrad(triton_ops, case, F32, DEVICE, layout_name, with_bn=False)
+def test_conv_wgrad(case, layout_name, dtype):
+    check_conv_wgrad(triton_ops, case, dtype, DEVICE, layout_name, with_bn=True)
+    check_conv_wgrad(triton_ops, case, dtype, DEVICE, layout_name, with_bn=False)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_bn_stats_finalize(layout_name, momentum):
-    check_bn_stats_finalize(triton_ops, (3, 17, 9, 9), F32, DEVICE, layout_name, momentum=momentum)
-    check_bn_stats_finalize(triton_ops, (1, 3, 7, 7), F32, DEVICE, layout_name, affine=False)
+def test_bn_stats_finalize(layout_name, momentum, dtype):
+    check_bn_stats_finalize(triton_ops, (3, 17, 9, 9), dtype, DEVICE, layout_name, momentum=momentum)
+    check_bn_stats_finalize(triton_ops, (1, 3, 7, 7), dtype, DEVICE, layout_name, affine=False)
 
 
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 @pytest.mark.parametrize("case", ODD_CASES[:3], ids=str)
 @pytest.mark.parametrize("training", [True, False])
-def test_bn_backward(case, layout_name, training):
-    check_bn_backward(triton_ops, case, F32, DEVICE, layout_name, training, with_residual=True)
-    check_bn_backward(triton_ops, case, F32, DEVICE, layout_name, training, with_residual=False)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_bn_backward(case, layout_name, training, dtype):
+    check_bn_backward(triton_ops, case, dtype, DEVICE, layout_name, training, with_residual=True)
+    check_bn_backward(triton_ops, case, dtype, DEVICE, layout_name, training, with_residual=False)
 
 
 def _naive_variance(y: torch.Tensor) -> torch.Tensor:
