@@ -7,7 +7,8 @@
 # PREACT_GPU_CHECK_BUDGET seconds (default 540); a part that fails or runs out of time is recorded
 # and the next one runs. Exit status 1 when any part failed. OUTDIR receives:
 #   env.txt                    nvidia-smi, python / torch / triton / CUDA versions
-#   build.log                  pip install --no-build-isolation -e .  (builds the CUDA extension)
+#   build.log                  pip install --no-build-isolation -e .  (builds the CUDA extension for
+#                              this GPU's compute capability)
 #   tests.log                  pytest -m cuda (8 workers with pytest-xdist when it is installed:
 #                              compiling the Triton kernels for every tested configuration is CPU work)
 #   kernels/                   kernel-level: each ResNet-1001 triple's fused forward and backward per
@@ -77,6 +78,9 @@ cat "$out/env.txt"
 
 workers=()
 "$python" -c "import xdist" 2>/dev/null && workers=(-n 8)
+# Build for this GPU only (half the compile time of the default "80;90").
+arch=$("$python" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+export PREACT_FUSED_CUDA_ARCHS="${PREACT_FUSED_CUDA_ARCHS:-${arch:-80;90}}"
 
 run build 240 "$python" -m pip install --no-build-isolation -e .
 run tests 200 "$python" -m pytest -m cuda -q -rs "${workers[@]}"

@@ -14,6 +14,8 @@ STUB = """#!/usr/bin/env bash
 echo "$*" >> "{log}"
 case "$*" in
   "-c import xdist") exit {xdist} ;;
+  -c*get_device_capability*) echo 90 ;;
+  *pip*) echo "archs=$PREACT_FUSED_CUDA_ARCHS" >> "{log}" ;;
   *pytest*) exit {tests} ;;
 esac
 exit 0
@@ -27,14 +29,16 @@ def _run(tmp_path, budget=510, xdist=0, tests=0):
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(stub), "PREACT_GPU_CHECK_BUDGET": str(budget)}
+    env.pop("PREACT_FUSED_CUDA_ARCHS", None)
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=120)
-    calls = [line for line in log.read_text().splitlines() if line not in ("-", "-c import xdist")]
-    return done, calls, (out / "summary.txt").read_text()
+    lines = log.read_text().splitlines()
+    calls = [line for line in lines if line != "-" and not line.startswith(("-c ", "archs="))]
+    return done, calls, (out / "summary.txt").read_text(), lines
 
 
 def test_parts_run_in_order_and_pass(tmp_path):
-    done, calls, summary = _run(tmp_path)
+    done, calls, summary, lines = _run(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [c.split()[1] for c in calls] == ["pip", "pytest", "benchmarks.kernel_ops", "benchmarks.resnet1001",
                                              "benchmarks.resnet1001", "benchmarks.ops_bench"]
@@ -43,23 +47,24 @@ def test_parts_run_in_order_and_pass(tmp_path):
                                                                          "bench_compile", "ops"]
     assert all(": ok in " in line for line in summary.splitlines()[:6])
     assert summary.splitlines()[-1].startswith("total ")
+    assert "archs=90" in lines  # the extension is built for the GPU's own compute capability
 
 
 def test_tests_run_serially_without_xdist(tmp_path):
-    done, calls, _ = _run(tmp_path, xdist=1)
+    done, calls, _, _ = _run(tmp_path, xdist=1)
     assert done.returncode == 0
     assert calls[1].endswith("-q -rs")
 
 
 def test_a_failed_part_is_recorded_and_the_rest_still_run(tmp_path):
-    done, calls, summary = _run(tmp_path, tests=1)
+    done, calls, summary, _ = _run(tmp_path, tests=1)
     assert done.returncode == 1
     assert "tests: FAILED (exit 1)" in summary
     assert len(calls) == 6
 
 
 def test_parts_past_the_budget_are_skipped(tmp_path):
-    done, calls, summary = _run(tmp_path, budget=5)
+    done, calls, summary, _ = _run(tmp_path, budget=5)
     assert done.returncode == 1
     assert calls == []
     assert "build: SKIPPED (time budget spent)" in summary
