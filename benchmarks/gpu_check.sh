@@ -14,8 +14,11 @@
 #   kernels/                   kernel-level: each ResNet-1001 triple's fused forward and backward per
 #                              backend (triton, cuda) and per op, vs eager cuDNN and the minimum-bytes
 #                              time, do_bench (kernels.log, kernel_ops.csv)
-#   bench/                     ResNet-1001 at batch 128, every variant but torch.compile and the
-#                              reference backend, largest batch of eager_amp and fused_amp (bench.log)
+#   bench/                     ResNet-1001 at batch 128, every variant but torch.compile, the
+#                              reference backend and fp32 Triton (minutes of autotuning; the Triton
+#                              kernels are timed in kernels/) (bench.log)
+#   maxbatch/                  the largest batch of eager_amp and fused_amp, to 256 images
+#                              (maxbatch.log)
 #   bench_compile/             eager, eager_amp, torch.compile and fused_amp at batch 128: compiling
 #                              ResNet-1001 takes minutes, once per batch size (bench_compile.log)
 #   ops/                       module-level: BNReLUConv2d per backend vs eager modules, do_bench (ops.log)
@@ -86,8 +89,9 @@ run build 240 "$python" -m pip install --no-build-isolation -e .
 run tests 200 "$python" -m pytest -m cuda -q -rs "${workers[@]}"
 run kernels 120 "$python" -m benchmarks.kernel_ops --batch 128 --out "$out/kernels"
 run bench 150 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 8 \
-  --skip compile_amp fused_reference --max-batch-variants eager_amp fused_amp --max-batch-cap 4096 \
-  --max-batch-resolution 64 --out "$out/bench"
+  --skip compile_amp fused_reference fused_triton --max-batch-cap 0 --out "$out/bench"
+run maxbatch 120 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 1 --steps 2 \
+  --variants eager_amp fused_amp --max-batch-cap 4096 --max-batch-resolution 256 --out "$out/maxbatch"
 run bench_compile 240 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 10 \
   --variants eager eager_amp compile_amp fused_amp --max-batch-cap 0 --out "$out/bench_compile"
 run ops 90 "$python" -m benchmarks.ops_bench --batch 128 --providers eager triton cuda --out "$out/ops"

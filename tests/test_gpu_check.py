@@ -41,11 +41,11 @@ def test_parts_run_in_order_and_pass(tmp_path):
     done, calls, summary, lines = _run(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [c.split()[1] for c in calls] == ["pip", "pytest", "benchmarks.kernel_ops", "benchmarks.resnet1001",
-                                             "benchmarks.resnet1001", "benchmarks.ops_bench"]
+                                             "benchmarks.resnet1001", "benchmarks.resnet1001", "benchmarks.ops_bench"]
     assert calls[1].startswith("-m pytest -m cuda") and calls[1].endswith("-n 8")
-    assert [line.split(":")[0] for line in summary.splitlines()[:6]] == ["build", "tests", "kernels", "bench",
-                                                                         "bench_compile", "ops"]
-    assert all(": ok in " in line for line in summary.splitlines()[:6])
+    assert [line.split(":")[0] for line in summary.splitlines()[:7]] == ["build", "tests", "kernels", "bench",
+                                                                         "maxbatch", "bench_compile", "ops"]
+    assert all(": ok in " in line for line in summary.splitlines()[:7])
     assert summary.splitlines()[-1].startswith("total ")
     assert "archs=90" in lines  # the extension is built for the GPU's own compute capability
 
@@ -60,7 +60,7 @@ def test_a_failed_part_is_recorded_and_the_rest_still_run(tmp_path):
     done, calls, summary, _ = _run(tmp_path, tests=1)
     assert done.returncode == 1
     assert "tests: FAILED (exit 1)" in summary
-    assert len(calls) == 6
+    assert len(calls) == 7
 
 
 def test_parts_past_the_budget_are_skipped(tmp_path):
