@@ -1,6 +1,6 @@
 """Kernel-level GPU timings of the fused BN-ReLU-conv triple, per backend, against eager cuDNN.
 
-For every distinct triple of the CIFAR ResNet-1001 (tests/test_triton_gpu.py, RESNET1001_TRIPLES),
+For every distinct triple of the CIFAR ResNet-1001 (tests/backend_checks.py, RESNET1001_TRIPLES),
 channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench``) of
 
   fused forward   bn_finalize of the input's partials + conv_fwd (BN-ReLU loader; residual and
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from . import RESULTS, device_slug, fast_backend_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_triton_gpu import RESNET1001_TRIPLES  # noqa: E402
+from backend_checks import RESNET1001_TRIPLES  # noqa: E402
 
 BACKENDS = ("triton", "cuda")
 MODULES = {"triton": "preact_fused.triton", "cuda": "preact_fused.cuda"}

@@ -14,37 +14,17 @@ import preact_fused
 import preact_fused.cuda as ops
 from preact_fused import reference
 
-from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, cast, check_bn_backward, check_bn_stats_finalize,
-                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_fwd_autograd,
-                            check_conv_wgrad, make_inputs, opcheck_samples)
+from backend_checks import (LAYOUTS, ODD_CASES, RESNET1001_TRIPLES, ConvCase, cast, check_bn_backward,
+                            check_bn_stats_finalize, check_compiled_unit, check_conv_dgrad, check_conv_fwd,
+                            check_conv_fwd_autograd, check_conv_wgrad, make_inputs, opcheck_samples,
+                            resnet1001_case)
 
 pytestmark = pytest.mark.cuda
 
 DEVICE = "cuda"
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _resnet1001_convs(n):
-    """Every distinct convolution of a CIFAR ResNet-1001 (bottleneck widths 16/32/64) at batch n."""
-    return [
-        ConvCase(n, 3, 16, 32, 32, 3, 1),     # stem
-        ConvCase(n, 64, 16, 32, 32, 1, 1),    # stage 1: conv1, conv2, conv3
-        ConvCase(n, 16, 16, 32, 32, 3, 1),
-        ConvCase(n, 16, 64, 32, 32, 1, 1),
-        ConvCase(n, 64, 128, 32, 32, 1, 2),   # stage 2, first unit: projection, conv2 (stride 2)
-        ConvCase(n, 32, 32, 32, 32, 3, 2),
-        ConvCase(n, 128, 32, 16, 16, 1, 1),   # stage 2: conv1, conv2, conv3
-        ConvCase(n, 32, 32, 16, 16, 3, 1),
-        ConvCase(n, 32, 128, 16, 16, 1, 1),
-        ConvCase(n, 128, 256, 16, 16, 1, 2),  # stage 3, first unit: projection, conv2 (stride 2)
-        ConvCase(n, 64, 64, 16, 16, 3, 2),
-        ConvCase(n, 256, 64, 8, 8, 1, 1),     # stage 3: conv1, conv2, conv3
-        ConvCase(n, 64, 64, 8, 8, 3, 1),
-        ConvCase(n, 64, 256, 8, 8, 1, 1),
-    ]
-
-
-RESNET_CASES = _resnet1001_convs(64) + _resnet1001_convs(128)
+# Every distinct BN-ReLU-conv triple of ResNet-1001 at batch 64 and 128.
+RESNET_CASES = [resnet1001_case(t, n) for n in (64, 128) for t in RESNET1001_TRIPLES]
 
 
 @pytest.fixture(autouse=True)
