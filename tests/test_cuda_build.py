@@ -248,6 +248,23 @@ def test_emulated_resnet_convs(emu, case, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_kernels_in_other_thread_orders(emu, dtype, order, monkeypatch):
+    """Every kernel with the threads of a block run in reverse and in shuffled order between
+    barriers (PF_EMU_ORDER, csrc/emulate/emu.h): a shared-memory race that the forward order hides
+    gives wrong results in one of them. Odd shapes and shapes with several tiles and splits."""
+    monkeypatch.setenv("PF_EMU_ORDER", order)
+    for case in (ODD_CASES[1], ODD_CASES[-1], EMU_RESNET_CASES[2], EMU_RESNET_CASES[4]):
+        with_bn = case.cin != 3
+        check_conv_fwd(emu, case, dtype, "cpu", "channels_last", with_bn, with_bn, True)
+        check_conv_dgrad(emu, case, dtype, "cpu", "channels_last", with_bn)
+        check_conv_wgrad(emu, case, dtype, "cpu", "channels_last", with_bn)
+    check_bn_stats_finalize(emu, (3, 17, 9, 9), dtype, "cpu", "nchw", momentum=None)
+    check_bn_backward(emu, ODD_CASES[1], dtype, "cpu", "channels_last", True, with_residual=True)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_emulated_bn(emu, dtype, layout_name):

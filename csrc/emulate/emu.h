@@ -12,15 +12,24 @@
 //   ldmatrix .x4 .trans: lanes 8q..8q+7 give the row addresses of matrix q; lane l receives of
 //     matrix q the elements [2*(l%4)][l/4] (low half) and [2*(l%4)+1][l/4] (high half).
 // Products are summed in double and rounded once (the tensor cores keep at least fp32).
+//
+// Between two switch points the fibers run one after another, in an order set by PF_EMU_ORDER:
+// "forward" (default: thread 0 first), "reverse", or "shuffle" (a new seeded permutation every
+// round). A thread that reads shared memory another thread writes in the same phase (a missing
+// __syncthreads) sees stale data in at least one of these orders, so the tests run them all.
 #pragma once
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include "emu_runtime.h"
@@ -102,6 +111,33 @@ inline void fiber_entry() {
   ++b.progress;
 }
 
+// The order in which the fibers of a block run between switch points (see PF_EMU_ORDER above).
+struct Schedule {
+  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  std::mt19937 rng{12345u};
+
+  Schedule() {
+    const char* env = std::getenv("PF_EMU_ORDER");
+    if (env == nullptr || std::strcmp(env, "forward") == 0) return;
+    if (std::strcmp(env, "reverse") == 0) {
+      kind = kReverse;
+    } else if (std::strcmp(env, "shuffle") == 0) {
+      kind = kShuffle;
+    } else {
+      fail("PF_EMU_ORDER must be forward, reverse or shuffle");
+    }
+  }
+
+  // order: a permutation of 0..n-1 (forward at first), rearranged for the next round.
+  void next(std::vector<int>& order) {
+    if (kind == kShuffle) {
+      std::shuffle(order.begin(), order.end(), rng);
+    } else if (kind == kReverse && order.front() == 0) {
+      std::reverse(order.begin(), order.end());
+    }
+  }
+};
+
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 blk, Args... args) {
   Block& b = block();
@@ -113,6 +149,9 @@ void launch(Kernel kernel, dim3 grid, dim3 blk, Args... args) {
   blockDim = blk;
   b.body = [&]() { kernel(args...); };
   b.fibers.resize(n);
+  Schedule schedule;
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -133,7 +172,8 @@ void launch(Kernel kernel, dim3 grid, dim3 blk, Args... args) {
         for (bool alive = true; alive;) {
           alive = false;
           const unsigned long long before = b.progress;
-          for (int i = 0; i < n; ++i) {
+          schedule.next(order);
+          for (int i : order) {
             if (b.fibers[i].done) continue;
             b.cur = i;
             threadIdx = b.fibers[i].tid;
