@@ -116,6 +116,13 @@ def moments(v, valid, AXIS: tl.constexpr):
 
 
 @triton.jit
+def empty_summary(BLOCK_C: tl.constexpr):
+    """(count, mean, M2) of no values for BLOCK_C channels: the neutral start of Chan merges."""
+    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    return zero, zero, zero
+
+
+@triton.jit
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s merge of two (count, mean, M2) summaries; empty summaries are neutral."""
     n = n_a + n_b

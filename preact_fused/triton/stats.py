@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, chan_merge, moments, nhwc
+from .common import INTERPRET, chan_merge, empty_summary, moments, nhwc
 
 # bn_stats: rows per partial (one program each), rows loaded at a time, channels per program.
 TILE_ROWS, _STATS_BLOCK_R, _STATS_BLOCK_C = (32, 16, 16) if INTERPRET else (1024, 64, 64)
@@ -30,9 +30,7 @@ def _bn_stats_kernel(
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    count, mean, m2 = empty_summary(BLOCK_C)
     for r0 in range(0, TILE_ROWS, BLOCK_R):
         rows = t.to(tl.int64) * TILE_ROWS + r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < M
@@ -61,9 +59,7 @@ def _bn_finalize_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    count, mean, m2 = empty_summary(BLOCK_C)
     for t0 in range(0, T, BLOCK_T):
         tiles = t0 + tl.arange(0, BLOCK_T)
         ok = (tiles[:, None] < T) & col_ok[None, :]
