@@ -33,6 +33,18 @@ namespace preact_fused {
 
 constexpr int kWarp = 32;
 
+// Host: call launch(T{}) with the element type T of dtype (float, __nv_bfloat16 or __half) and
+// return its error; an unknown dtype is cudaErrorInvalidValue.
+template <typename Launch>
+cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: return launch(float{});
+    case DType::kBFloat16: return launch(__nv_bfloat16{});
+    case DType::kFloat16: return launch(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Element types. A 16-byte vector holds kVec<T> elements; float conversions are exact widening
 // and round-to-nearest-even narrowing.

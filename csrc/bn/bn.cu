@@ -67,19 +67,11 @@ cudaError_t launch_bn_stats(const BnStatsArgs& a, cudaStream_t stream) {
   const int tiles = ceil_div(a.rows, kTileRows);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(a.c, 32)));
   const dim3 block(32, 8);
-  switch (a.dtype) {
-    case DType::kFloat32:
-      PF_LAUNCH(bn_stats_kernel<float>, grid, block, stream, static_cast<const float*>(a.x), a.rows, a.c, tiles, a.partials);
-      break;
-    case DType::kBFloat16:
-      PF_LAUNCH(bn_stats_kernel<__nv_bfloat16>, grid, block, stream, static_cast<const __nv_bfloat16*>(a.x), a.rows, a.c,
-                tiles, a.partials);
-      break;
-    case DType::kFloat16:
-      PF_LAUNCH(bn_stats_kernel<__half>, grid, block, stream, static_cast<const __half*>(a.x), a.rows, a.c, tiles, a.partials);
-      break;
-  }
-  return cudaGetLastError();
+  return dispatch_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    PF_LAUNCH(bn_stats_kernel<T>, grid, block, stream, static_cast<const T*>(a.x), a.rows, a.c, tiles, a.partials);
+    return cudaGetLastError();
+  });
 }
 
 // ---- bn_finalize ------------------------------------------------------------------------------
@@ -236,12 +228,7 @@ cudaError_t launch_bn_backward(const BnBackwardArgs& a, cudaStream_t stream) {
   PF_LAUNCH(bn_backward_coef_kernel, ceil_div(a.c, 128), 128, stream, a.mean, a.invstd, a.scale, a.sum_g, a.sum_gx,
             a.training, static_cast<float>(a.rows), a.c, a.coef);
   PF_CHECK_LAUNCH();
-  switch (a.dtype) {
-    case DType::kFloat32: return run_bn_backward<float>(a, a.coef, stream);
-    case DType::kBFloat16: return run_bn_backward<__nv_bfloat16>(a, a.coef, stream);
-    case DType::kFloat16: return run_bn_backward<__half>(a, a.coef, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(a.dtype, [&](auto t) { return run_bn_backward<decltype(t)>(a, a.coef, stream); });
 }
 
 }  // namespace preact_fused

@@ -359,12 +359,7 @@ static cudaError_t run_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t launch_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case DType::kFloat32: return run_conv_wgrad<float>(a, stream);
-    case DType::kBFloat16: return run_conv_wgrad<__nv_bfloat16>(a, stream);
-    case DType::kFloat16: return run_conv_wgrad<__half>(a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(a.dtype, [&](auto t) { return run_conv_wgrad<decltype(t)>(a, stream); });
 }
 
 }  // namespace preact_fused
