@@ -16,7 +16,7 @@ case "$*" in
   "-c import xdist") exit {xdist} ;;
   -c*get_device_capability*) echo 90 ;;
   *pip*) echo "archs=$PREACT_FUSED_CUDA_ARCHS" >> "{log}" ;;
-  *pytest*) exit {tests} ;;
+  *pytest*) echo "omp=$OMP_NUM_THREADS" >> "{log}"; exit {tests} ;;
 esac
 exit 0
 """
@@ -33,7 +33,7 @@ def _run(tmp_path, budget=510, xdist=0, tests=0):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=120)
     lines = log.read_text().splitlines()
-    calls = [line for line in lines if line != "-" and not line.startswith(("-c ", "archs="))]
+    calls = [line for line in lines if line != "-" and not line.startswith(("-c ", "archs=", "omp="))]
     return done, calls, (out / "summary.txt").read_text(), lines
 
 
@@ -48,12 +48,14 @@ def test_parts_run_in_order_and_pass(tmp_path):
     assert all(": ok in " in line for line in summary.splitlines()[:7])
     assert summary.splitlines()[-1].startswith("total ")
     assert "archs=90" in lines  # the extension is built for the GPU's own compute capability
+    assert "omp=2" in lines     # 8 test workers, 2 CPU threads each
 
 
 def test_tests_run_serially_without_xdist(tmp_path):
-    done, calls, _, _ = _run(tmp_path, xdist=1)
+    done, calls, _, lines = _run(tmp_path, xdist=1)
     assert done.returncode == 0
     assert calls[1].endswith("-q -rs")
+    assert "omp=2" not in lines
 
 
 def test_a_failed_part_is_recorded_and_the_rest_still_run(tmp_path):
