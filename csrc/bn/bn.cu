@@ -47,8 +47,7 @@ __global__ void __launch_bounds__(256) bn_stats_kernel(const T* __restrict__ x, 
       s2 = fmaf(d, d, s2);
     }
   }
-  __syncthreads();  // red is reused
-  red[ty][tx] = s2;
+  red[ty][tx] = s2;  // reuse: the first sum was read before the barrier above
   __syncthreads();
   if (ty == 0 && ch < c) {
     float m2 = 0.f;
