@@ -364,6 +364,12 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
       for (int j = 0; j < kVec; ++j) f[j] = (col0 + j < p.cols) ? to_float(base[off + j]) : 0.f;
     }
   };
+  // v = this thread's columns of staged row r of the tile; returns the row's offset in out.
+  auto staged_row = [&](int r, float (&v)[kVec]) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v[j] = Cs[r * kLdc + cc * kVec + j];
+    return static_cast<long long>(m0 + r) * p.cols + col0;
+  };
   auto store_row = [&](long long off, const float (&f)[kVec]) {
     if (full) {
       *reinterpret_cast<uint4*>(p.out + off) = pack<T>(f);
@@ -395,9 +401,7 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
       const int r = rr + ps * kRpp;
       if (r < count && col_in) {
         float v[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) v[j] = Cs[r * kLdc + cc * kVec + j];
-        const long long off = static_cast<long long>(m0 + r) * p.cols + col0;
+        const long long off = staged_row(r, v);
         if (p.residual != nullptr) {
           float res[kVec];
           load_row(p.residual, off, res);
@@ -462,9 +466,7 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
       const int r = rr + ps * kRpp;
       if (r < count && col_in) {
         float v[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) v[j] = Cs[r * kLdc + cc * kVec + j];
-        const long long off = static_cast<long long>(m0 + r) * p.cols + col0;
+        const long long off = staged_row(r, v);
         if (bn) {
           float xf[kVec];
           load_row(p.ex, off, xf);
