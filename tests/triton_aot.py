@@ -106,21 +106,12 @@ def resnet1001_launches(dtype_name: str, batch: int):
 
 
 def _arg_type(value):
-    """Triton's specialization of a runtime argument: (type, divisible by 16) or ('constexpr', 1)."""
-    import torch
+    """Triton's own specialization of a runtime argument, as its launcher computes it: (type, key)
+    with key 'D' when divisible by 16 (pointers: 16-byte aligned), or ('constexpr', 1)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
 
-    if isinstance(value, torch.Tensor):
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
-        return "*" + names[value.dtype], True  # torch allocations are at least 16-byte aligned
-    if isinstance(value, bool):
-        return "i1", False
-    if isinstance(value, int):
-        if value == 1:
-            return ("constexpr", 1)
-        return ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
-    if isinstance(value, float):
-        return "fp32", False
-    raise TypeError(f"unexpected kernel argument {value!r}")
+    return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
 def build_jobs(launches, dtype_name: str, archs):
@@ -140,7 +131,7 @@ def build_jobs(launches, dtype_name: str, archs):
                     signature[name], constants[name] = "constexpr", kind[1]
                 else:
                     signature[name] = kind[0]
-                    if kind[1]:
+                    if kind[1] == "D":
                         aligned.append(name)
             for arch in archs:
                 key = (fn.__name__, json.dumps(signature), json.dumps(constants, sort_keys=True),
