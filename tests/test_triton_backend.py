@@ -145,6 +145,30 @@ def test_explicit_and_default_configurations(monkeypatch):
         assert rel_error(b, a) < 1e-5 and rel_error(c, a) < 1e-5
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32", None])
+def test_tile_prune(precision):
+    """The GPU tile rules: channel blocks fitted to the channel counts; reduction blocks of at most
+    16 for exact fp32 products, of at least 32 for tensor cores where wgrad may choose them."""
+    import triton
+
+    from preact_fused.triton import conv
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k})
+               for m in (16, 64, 128) for n in (16, 32, 64, 128) for k in (16, 32, 64)]
+
+    def blocks(fit, **args):
+        kept = fit(configs, {"PRECISION": precision, **args})
+        return {name: sorted({c.kwargs[name] for c in kept}) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+
+    stem = blocks(conv._CONV_FIT, N_out=17, K_ch=3)
+    assert stem == {"BLOCK_M": [16, 64, 128], "BLOCK_N": [32], "BLOCK_K": [16]}
+    wide = blocks(conv._CONV_FIT, N_out=256, K_ch=64)
+    assert wide["BLOCK_N"] == [128] and wide["BLOCK_K"] == ([16] if precision == "ieee" else [64])
+    wgrad = blocks(conv._WGRAD_FIT, Cin=33, Cout=256)
+    assert wgrad["BLOCK_M"] == [64] and wgrad["BLOCK_N"] == [128]
+    assert wgrad["BLOCK_K"] == ([16] if precision == "ieee" else [32, 64])
+
+
 def test_unavailable_reason():
     assert triton_ops.unavailable_reason(DEVICE) is None
     assert "not meta" in triton_ops.unavailable_reason("meta")

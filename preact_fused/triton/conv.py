@@ -54,11 +54,14 @@ def _configs(m_tiles, n_tiles, k_tiles):
 # Forward / dgrad: rows x output channels x reduced channels per tap.
 CONV_CONFIGS = _configs((64, 128), (16, 32, 64, 128), (16, 32, 64))
 # wgrad: input channels x output channels x output pixels.
-WGRAD_CONFIGS = _configs((16, 32, 64, 128), (16, 32, 64, 128), (32, 64))
+WGRAD_CONFIGS = _configs((16, 32, 64, 128), (16, 32, 64, 128), (16, 32, 64))
 
-# Exact fp32 products ('ieee') run on the FMA units with both operand tiles in registers: reduction
-# blocks above 32 spill at the larger tiles, so they are left out for that precision.
-IEEE_MAX_BLOCK_K = 32
+# Exact fp32 products ('ieee') run on the FMA units with both operand slices of a thread in
+# registers for a whole reduction block: blocks above 16 spill at the larger tiles on sm_80 (above
+# 32 on sm_90), so that precision reduces 16 at a time. Tensor-core products keep reduction blocks
+# of at least 32 where the block is free to choose (wgrad's pixels): 16 only adds loop overhead.
+IEEE_MAX_BLOCK_K = 16
+MMA_MIN_FREE_BLOCK_K = 32
 
 
 def _fitting(fitted):
@@ -67,13 +70,18 @@ def _fitting(fitted):
     fitted maps a block name to the argument it tiles: the block must be the channel count rounded
     up to a power of two (at least 16, tl.dot's minimum), or the largest block listed when the count
     is larger. A whole channel range in one tile reads the gathered operand once; the remaining
-    choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times. Exact fp32 keeps
-    BLOCK_K <= IEEE_MAX_BLOCK_K.
+    choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times. BLOCK_K follows
+    the precision first: at most IEEE_MAX_BLOCK_K for exact fp32, at least MMA_MIN_FREE_BLOCK_K for
+    tensor cores when it is not fitted to a channel count.
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         if args["PRECISION"] == "ieee":
             configs = [c for c in configs if c.kwargs["BLOCK_K"] <= IEEE_MAX_BLOCK_K]
+        elif "BLOCK_K" not in fitted:
+            configs = [c for c in configs if c.kwargs["BLOCK_K"] >= MMA_MIN_FREE_BLOCK_K]
+        if not configs:  # the interpreter's single tile
+            return []
         targets = {block: min(max(16, triton.next_power_of_2(args[arg])), max(c.kwargs[block] for c in configs))
                    for block, arg in fitted.items()}
         return [c for c in configs if all(c.kwargs[b] == t for b, t in targets.items())]
