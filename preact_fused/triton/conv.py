@@ -57,11 +57,21 @@ CONV_CONFIGS = _configs((64, 128), (16, 32, 64, 128), (16, 32, 64))
 WGRAD_CONFIGS = _configs((16, 32, 64, 128), (16, 32, 64, 128), (16, 32, 64))
 
 # Exact fp32 products ('ieee') run on the FMA units with both operand slices of a thread in
-# registers for a whole reduction block: blocks above 16 spill at the larger tiles on sm_80 (above
-# 32 on sm_90), so that precision reduces 16 at a time. Tensor-core products keep reduction blocks
-# of at least 32 where the block is free to choose (wgrad's pixels): 16 only adds loop overhead.
+# registers for a whole reduction block: they reduce 16 at a time and, where the row block is free
+# (forward/dgrad pixels), take at most 64 rows. Larger blocks spill: reduction blocks of 32 on sm_80,
+# 128 x 128 accumulators under Triton 3.6 on sm_90. Tensor-core products keep reduction blocks of
+# at least 32 where the block is free (wgrad's pixels): 16 only adds loop overhead there.
 IEEE_MAX_BLOCK_K = 16
+IEEE_MAX_FREE_BLOCK_M = 64
 MMA_MIN_FREE_BLOCK_K = 32
+
+
+def _suits_precision(config, precision: str, fitted) -> bool:
+    """Whether a tile configuration suits the dot precision (the rules above)."""
+    m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    if precision == "ieee":
+        return k <= IEEE_MAX_BLOCK_K and ("BLOCK_M" in fitted or m <= IEEE_MAX_FREE_BLOCK_M)
+    return "BLOCK_K" in fitted or k >= MMA_MIN_FREE_BLOCK_K
 
 
 def _fitting(fitted):
@@ -70,16 +80,12 @@ def _fitting(fitted):
     fitted maps a block name to the argument it tiles: the block must be the channel count rounded
     up to a power of two (at least 16, tl.dot's minimum), or the largest block listed when the count
     is larger. A whole channel range in one tile reads the gathered operand once; the remaining
-    choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times. BLOCK_K follows
-    the precision first: at most IEEE_MAX_BLOCK_K for exact fp32, at least MMA_MIN_FREE_BLOCK_K for
-    tensor cores when it is not fitted to a channel count.
+    choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times, among those that
+    suit the dot precision.
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        if args["PRECISION"] == "ieee":
-            configs = [c for c in configs if c.kwargs["BLOCK_K"] <= IEEE_MAX_BLOCK_K]
-        elif "BLOCK_K" not in fitted:
-            configs = [c for c in configs if c.kwargs["BLOCK_K"] >= MMA_MIN_FREE_BLOCK_K]
+        configs = [c for c in configs if _suits_precision(c, args["PRECISION"], fitted)]
         if not configs:  # the interpreter's single tile
             return []
         targets = {block: min(max(16, triton.next_power_of_2(args[arg])), max(c.kwargs[block] for c in configs))
