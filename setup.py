@@ -136,7 +136,9 @@ def get_extensions():
     system_includes = []
     for inc in _extra_include_dirs(cuda_home):
         system_includes += ["-isystem", inc]
-    nvcc_flags = ["-O3", f"--threads={os.environ.get('NVCC_THREADS', '1')}"]
+    # -fmad=false: no implicit multiply-add contraction, so the device code rounds as the CPU emulator
+    # build of the same kernels does (-ffp-contract=off); the kernels' own FMAs are explicit fmaf.
+    nvcc_flags = ["-O3", "-fmad=false", f"--threads={os.environ.get('NVCC_THREADS', '1')}"]
     nvcc_flags += _arch_flags(os.environ.get("PREACT_FUSED_CUDA_ARCHS", "80;90"))
     if os.environ.get("PREACT_FUSED_PTXAS_VERBOSE", "1") != "0":
         nvcc_flags += ["-Xptxas=-v"]

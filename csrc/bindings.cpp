@@ -41,7 +41,8 @@ using OptTensor = std::optional<Tensor>;
                     : "");                                                                           \
   } while (0)
 
-constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;
+// Pixel rows per batch that the kernels index in int, with room for a tile's offsets past the last row.
+constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1 - 1024;
 
 #ifdef PF_EMULATE
 struct DeviceGuard {
@@ -109,6 +110,9 @@ void check_geometry(int64_t stride, int64_t padding) {
 
 ConvShape make_shape(const Tensor& x, int64_t cout, int64_t kh, int64_t kw, int64_t ho, int64_t wo, int64_t stride,
                      int64_t padding) {
+  TORCH_CHECK(x.size(1) > 0 && cout > 0 && kh > 0 && kw > 0,
+              "preact_fused: a convolution needs at least one input channel, output channel and tap; got input ",
+              x.sizes(), ", ", cout, " output channels, kernel ", kh, "x", kw);
   ConvShape s;
   s.n = static_cast<int>(x.size(0));
   s.cin = static_cast<int>(x.size(1));
@@ -122,7 +126,7 @@ ConvShape make_shape(const Tensor& x, int64_t cout, int64_t kh, int64_t kw, int6
   s.stride = static_cast<int>(stride);
   s.pad = static_cast<int>(padding);
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) <= kMaxRows && x.size(0) * ho * wo <= kMaxRows,
-              "preact_fused: more than 2^31 pixels per batch is not supported");
+              "preact_fused: 2^31 - 1025 pixels per batch at most are supported");
   return s;
 }
 

@@ -220,6 +220,20 @@ def emu(emulated_build, monkeypatch):
 
 
 @pytest.mark.slow
+def test_emulated_bad_geometry_is_a_clear_error(emu):
+    """The bindings refuse what the kernels cannot index, before any launch."""
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="at least one input channel"):
+        emu.conv_fwd(torch.randn(1, 0, 5, 5), torch.randn(6, 0, 3, 3), 1, 1)
+    with pytest.raises(RuntimeError, match="at least one input channel"):
+        emu.conv_wgrad(torch.randn(1, 0, 5, 5), torch.randn(1, 6, 5, 5), (6, 0, 3, 3), 1, 1)
+    with pytest.raises(RuntimeError, match="empty convolution output"):
+        emu.conv_fwd(x[..., :2, :2], w, 1, 0)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        emu.conv_fwd(x, w, 0, 1)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ODD_CASES, ids=str)
 @pytest.mark.parametrize("dtype", EMU_DTYPES, ids=str)
 def test_emulated_conv_fwd(emu, case, dtype):
