@@ -285,6 +285,18 @@ def check_bn_backward(ops, case, dtype, device, layout_name, training, with_resi
     assert_close("bn_backward dx", dx, dx64, dtype, same)
 
 
+def check_on_second_device(ops):
+    """Every contract with its tensors on cuda:1 while cuda:0 is the current device (needs 2 GPUs):
+    the kernels must run where the tensors are, on that device's stream."""
+    case = ODD_CASES[1]
+    with torch.cuda.device(0):
+        check_conv_fwd(ops, case, torch.float32, "cuda:1", "channels_last", True, True, True)
+        check_conv_dgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
+        check_conv_wgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
+        check_bn_stats_finalize(ops, (3, 17, 9, 9), torch.float32, "cuda:1", "channels_last")
+        check_bn_backward(ops, case, torch.float32, "cuda:1", "channels_last", training=True, with_residual=True)
+
+
 def opcheck_samples(dtype, device):
     """Arguments for torch.library.opcheck of each op of the CUDA extension's schema, by op name.
 

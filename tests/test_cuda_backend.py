@@ -16,8 +16,8 @@ from preact_fused import reference
 
 from backend_checks import (LAYOUTS, ODD_CASES, RESNET1001_TRIPLES, ConvCase, cast, check_bn_backward,
                             check_bn_stats_finalize, check_compiled_unit, check_conv_dgrad, check_conv_fwd,
-                            check_conv_fwd_autograd, check_conv_wgrad, make_inputs, opcheck_samples,
-                            resnet1001_case)
+                            check_conv_fwd_autograd, check_conv_wgrad, check_on_second_device, make_inputs,
+                            opcheck_samples, resnet1001_case)
 
 pytestmark = pytest.mark.cuda
 
@@ -149,6 +149,11 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu():
+    check_on_second_device(ops)
 
 
 def test_conv_fwd_autograd_matches_reference():

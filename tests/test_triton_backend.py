@@ -170,6 +170,38 @@ def test_tile_prune(precision):
     assert wgrad["BLOCK_K"] == ([16] if precision == "ieee" else [32, 64])
 
 
+def test_autotuning_once_per_problem_and_never_while_capturing(monkeypatch):
+    """The autotuner runs on a problem's first launch only; while a CUDA graph is captured (timing
+    would synchronise) the first fitting configuration runs untimed and nothing is remembered."""
+    from triton.runtime.autotuner import Autotuner
+
+    from preact_fused.triton import conv
+
+    tuned = []
+    original = Autotuner.run
+
+    def counted(self, *args, **kwargs):
+        tuned.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counted)
+    monkeypatch.setattr(conv, "_chosen", {})
+    case = ODD_CASES[1]
+    t = cast(make_inputs(case, F32, DEVICE), F32, DEVICE, "channels_last")
+
+    def forward():
+        return conv.conv_fwd(t["x"], t["w"], case.stride, case.padding, t["scale"], t["shift"], None, True)
+
+    monkeypatch.setattr(conv, "_capturing", lambda args: True)
+    captured = forward()
+    assert tuned == [] and conv._chosen == {}
+    monkeypatch.setattr(conv, "_capturing", lambda args: False)
+    first, again = forward(), forward()
+    assert tuned == ["_conv_kernel"] and len(conv._chosen) == 1
+    for a, b, c in zip(captured, first, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
 def test_unavailable_reason():
     assert triton_ops.unavailable_reason(DEVICE) is None
     assert "not meta" in triton_ops.unavailable_reason("meta")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from backend_checks import (RESNET1001_TRIPLES, ConvCase, cast, check_bn_backward, check_bn_stats_finalize,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs, rel_error,
-                            resnet1001_case)
+                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, check_on_second_device,
+                            make_inputs, rel_error, resnet1001_case)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_cudnn")]
 
@@ -177,10 +177,6 @@ def test_torch_compile_of_the_ops(ops, dtype):
     assert rel_error(compiled_args[5], eager_args[5]) < 1e-6
 
 
-# Graph breaks outside this backend (preact_fused/backend.py imports the backend module while the
-# block is traced; autograd.py's Function returns None for absent statistics) make this fail until
-# they are fixed there.
-@pytest.mark.xfail(reason="graph breaks in backend.py / autograd.py, not in the triton ops", strict=False)
 def test_compiled_fused_block_has_no_graph_breaks(ops):
     from preact_fused.nn import PreActBottleneck
 
@@ -192,3 +188,8 @@ def test_compiled_fused_block_has_no_graph_breaks(ops):
     compiled = torch.compile(block)
     y = compiled(x)
     y.float().sum().backward()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu(ops):
+    check_on_second_device(ops)

@@ -6,6 +6,7 @@ the backward is bit-for-bit the forward's (DESIGN.md section 5).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -23,6 +24,12 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # a multiple of it, so the number of tiles T = cdiv(rows, STATS_ROWS) is known before autotuning
 # picks a configuration (outputs are allocated before the launch).
 STATS_ROWS = 16 if INTERPRET else 64
+
+
+def on_device_of(t: torch.Tensor):
+    """A context in which kernels launch on t's device: Triton launches on the current CUDA device
+    (and its current stream), which need not hold the tensors. A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_activation(t: torch.Tensor, name: str) -> None:

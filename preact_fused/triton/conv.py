@@ -21,6 +21,7 @@ bf16/fp16 use tensor cores with fp32 accumulation. Statistics and sums are fp32.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -187,8 +188,8 @@ def _conv_kernel(
         store_partial(part_ptr, 2, T, N_out, sub_tiles, cols, m2)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["Cin", "Cout", "CHUNK", "KH", "KW", "STRIDE", "PAD", "PREACT",
-                                             "PRECISION"],
+@triton.autotune(configs=WGRAD_CONFIGS,
+                 key=["P", "Cin", "Cout", "CHUNK", "KH", "KW", "STRIDE", "PAD", "PREACT", "PRECISION"],
                  prune_configs_by=None if INTERPRET else {"early_config_prune": _WGRAD_FIT})
 @triton.jit
 def _wgrad_kernel(
@@ -242,17 +243,37 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype).permute(2, 3, 1, 0).contiguous()
 
 
+# The tile configuration chosen for each (kernel, autotuning key, argument dtypes) so far.
+_chosen: dict[tuple, triton.Config] = {}
+_tuning = threading.Lock()
+
+
+def _capturing(args) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of the arguments' device."""
+    tensor = next(v for v in args.values() if isinstance(v, torch.Tensor))
+    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _launch(kernel, fit, grid, args, config):
     """Launch an autotuned kernel with keyword ``args``.
 
-    config None: autotuned (or, with AUTOTUNE off, the first configuration that fits); a
-    ``triton.Config``: exactly that configuration (tests check each one).
+    config None: the configuration chosen for this problem. The first launch of a problem times the
+    fitting configurations (Triton's autotuner, which keeps per-call state on the kernel: one thread
+    at a time); later launches reuse the choice without the autotuner. Where timing cannot run (a
+    CUDA graph being captured: timing synchronises) or is turned off (AUTOTUNE), the first fitting
+    configuration runs untimed. A ``triton.Config``: exactly that configuration (tests check each one).
     """
-    if config is None and AUTOTUNE:
-        kernel[grid](**args)
-        return
     if config is None:
-        config = (fit(kernel.configs, {}, **args) or kernel.configs)[0]
+        key = (kernel.fn.__name__, *(args[name] for name in kernel.keys),
+               *(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor)))
+        config = _chosen.get(key)
+        if config is None and AUTOTUNE and not _capturing(args):
+            with _tuning:
+                kernel[grid](**args)
+                _chosen[key] = kernel.best_config
+            return
+        if config is None:
+            config = (fit(kernel.configs, {}, **args) or kernel.configs)[0]
     kernel.fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 

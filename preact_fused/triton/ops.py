@@ -21,7 +21,7 @@ from torch import Tensor
 from . import bn_grad as _bn_grad
 from . import conv as _conv
 from . import stats as _stats
-from .common import STATS_ROWS, check_activation, empty_nhwc
+from .common import STATS_ROWS, check_activation, empty_nhwc, on_device_of
 
 __all__ = ["conv_fwd", "bn_stats", "bn_finalize", "conv_dgrad", "conv_wgrad", "bn_backward",
            "set_fp32_precision", "fp32_precision"]
@@ -56,7 +56,8 @@ def _out_hw(x: Tensor, weight: Tensor, stride: int, padding: int):
 def _conv_fwd_op(x: Tensor, weight: Tensor, stride: int, padding: int, scale: Optional[Tensor],
                  shift: Optional[Tensor], residual: Optional[Tensor], want_stats: bool,
                  tf32: bool) -> tuple[Tensor, Tensor]:
-    return _conv.conv_fwd(x, weight, stride, padding, scale, shift, residual, want_stats, tf32)
+    with on_device_of(x):
+        return _conv.conv_fwd(x, weight, stride, padding, scale, shift, residual, want_stats, tf32)
 
 
 @_conv_fwd_op.register_fake
@@ -70,7 +71,8 @@ def _(x, weight, stride, padding, scale, shift, residual, want_stats, tf32):
 
 @torch.library.custom_op("preact_fused_triton::bn_stats", mutates_args=())
 def _bn_stats_op(x: Tensor) -> Tensor:
-    return _stats.bn_stats(x)
+    with on_device_of(x):
+        return _stats.bn_stats(x)
 
 
 @_bn_stats_op.register_fake
@@ -83,8 +85,9 @@ def _(x):
 def _bn_finalize_op(partials: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: Optional[float],
                     num_batches_tracked: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _stats.bn_finalize(partials, weight, bias, eps, running_mean, running_var, momentum,
-                              num_batches_tracked)
+    with on_device_of(partials):
+        return _stats.bn_finalize(partials, weight, bias, eps, running_mean, running_var, momentum,
+                                  num_batches_tracked)
 
 
 @_bn_finalize_op.register_fake
@@ -95,7 +98,8 @@ def _(partials, weight, bias, eps, running_mean, running_var, momentum, num_batc
 @torch.library.custom_op("preact_fused_triton::conv_dgrad", mutates_args=())
 def _conv_dgrad_op(dy: Tensor, weight: Tensor, x: Tensor, stride: int, padding: int, scale: Optional[Tensor],
                    shift: Optional[Tensor], mean: Optional[Tensor], tf32: bool) -> tuple[Tensor, Tensor]:
-    return _conv.conv_dgrad(dy, weight, x, stride, padding, scale, shift, mean, tf32)
+    with on_device_of(dy):
+        return _conv.conv_dgrad(dy, weight, x, stride, padding, scale, shift, mean, tf32)
 
 
 @_conv_dgrad_op.register_fake
@@ -107,7 +111,8 @@ def _(dy, weight, x, stride, padding, scale, shift, mean, tf32):
 @torch.library.custom_op("preact_fused_triton::conv_wgrad", mutates_args=())
 def _conv_wgrad_op(x: Tensor, dy: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
                    scale: Optional[Tensor], shift: Optional[Tensor], tf32: bool) -> Tensor:
-    return _conv.conv_wgrad(x, dy, tuple(weight_shape), stride, padding, scale, shift, tf32)
+    with on_device_of(x):
+        return _conv.conv_wgrad(x, dy, tuple(weight_shape), stride, padding, scale, shift, tf32)
 
 
 @_conv_wgrad_op.register_fake
@@ -119,7 +124,8 @@ def _(x, dy, weight_shape, stride, padding, scale, shift, tf32):
 def _bn_backward_op(g: Tensor, x: Tensor, mean: Optional[Tensor], invstd: Optional[Tensor], scale: Tensor,
                     sum_g: Optional[Tensor], sum_gx: Optional[Tensor], training: bool,
                     d_residual: Optional[Tensor]) -> Tensor:
-    return _bn_grad.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, training, d_residual)
+    with on_device_of(x):
+        return _bn_grad.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, training, d_residual)
 
 
 @_bn_backward_op.register_fake
