@@ -196,6 +196,11 @@ EMU_RESNET_CASES = [ConvCase(2, 3, 16, 32, 32, 3, 1), ConvCase(2, 16, 16, 32, 32
                     ConvCase(2, 64, 256, 8, 8, 1, 1)]
 
 
+# 18,432 rows: 144 statistics tiles, so each of bn_finalize's 64 tile threads per channel strides
+# over several tiles, and 9 channels leave a partial channel block.
+MANY_TILES = (2, 9, 96, 96)
+
+
 @pytest.fixture(scope="module")
 def emulated_build(tmp_path_factory):
     if not os.path.isdir(os.path.join(CSRC, "emulate")):
@@ -275,6 +280,7 @@ def test_emulated_kernels_in_other_thread_orders(emu, dtype, order, monkeypatch)
         check_conv_dgrad(emu, case, dtype, "cpu", "channels_last", with_bn)
         check_conv_wgrad(emu, case, dtype, "cpu", "channels_last", with_bn)
     check_bn_stats_finalize(emu, (3, 17, 9, 9), dtype, "cpu", "nchw", momentum=None)
+    check_bn_stats_finalize(emu, MANY_TILES, dtype, "cpu", "channels_last")
     check_bn_backward(emu, ODD_CASES[1], dtype, "cpu", "channels_last", True, with_residual=True)
 
 
@@ -286,6 +292,7 @@ def test_emulated_bn(emu, dtype, layout_name):
         check_bn_stats_finalize(emu, (3, 17, 9, 9), dtype, "cpu", layout_name, momentum=momentum)
     check_bn_stats_finalize(emu, (1, 3, 7, 7), dtype, "cpu", layout_name, affine=False)
     check_bn_stats_finalize(emu, (4, 64, 16, 16), dtype, "cpu", layout_name, offset=1000.0)
+    check_bn_stats_finalize(emu, MANY_TILES, dtype, "cpu", layout_name)
     for case in ODD_CASES[:3]:
         for training in (True, False):
             check_bn_backward(emu, case, dtype, "cpu", layout_name, training, with_residual=True)

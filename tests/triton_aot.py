@@ -49,6 +49,7 @@ def recorded_launches():
         assert not args, "the backend launches kernels with keyword arguments"
         configs = self.early_config_prune(self.configs, dict(kwargs)) if self.early_config_prune else self.configs
         launches.append((self.fn, dict(kwargs), [(c.kwargs, c.num_warps, c.num_stages) for c in configs]))
+        self.best_config = configs[0]  # what the backend remembers as the choice for this problem
 
     def plain(self, *args, grid, warmup, **kwargs):
         kwargs.update(zip(self.arg_names, args))

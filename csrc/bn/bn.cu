@@ -74,13 +74,30 @@ cudaError_t launch_bn_stats(const BnStatsArgs& a, cudaStream_t stream) {
 }
 
 // ---- bn_finalize ------------------------------------------------------------------------------
-// Block (32, 16): 32 channels, 16 threads striding over the tiles; float64 accumulation.
+// Block (kFinalCh, kFinalT) = (8, 64): 8 channels, 64 threads striding over the tiles of each (a
+// large batch has thousands of tiles per channel: short strides, many loads in flight), float64
+// accumulation, a fixed-order tree over the 64 per-thread sums.
 //   total = sum n_t, mean = sum n_t mean_t / total, M2 = sum (M2_t + n_t (mean_t - mean)^2)
-__global__ void __launch_bounds__(512) bn_finalize_kernel(BnFinalizeArgs a) {
-  __shared__ double red[16][33];
-  __shared__ double total_sh[32], mean_sh[32];
+constexpr int kFinalCh = 8, kFinalT = 64;
+
+// The sum of v over the kFinalT threads of each channel (threadIdx.y), returned to all of them.
+__device__ __forceinline__ double sum_over_tile_threads(double v, double (&red)[kFinalT][kFinalCh]) {
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int ch = blockIdx.x * 32 + tx;
+  red[ty][tx] = v;
+  __syncthreads();
+  for (int s = kFinalT / 2; s > 0; s >>= 1) {
+    if (ty < s) red[ty][tx] += red[ty + s][tx];
+    __syncthreads();
+  }
+  const double total = red[0][tx];
+  __syncthreads();  // red is written again by the next call
+  return total;
+}
+
+__global__ void __launch_bounds__(kFinalCh * kFinalT) bn_finalize_kernel(BnFinalizeArgs a) {
+  __shared__ double red[kFinalT][kFinalCh];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int ch = blockIdx.x * kFinalCh + tx;
   const long long plane = static_cast<long long>(a.tiles) * a.c;
   const float* cnt = a.partials;
   const float* mu = a.partials + plane;
@@ -88,43 +105,25 @@ __global__ void __launch_bounds__(512) bn_finalize_kernel(BnFinalizeArgs a) {
 
   double n_sum = 0.0, nm_sum = 0.0;
   if (ch < a.c) {
-    for (int t = ty; t < a.tiles; t += 16) {
-      const double n = cnt[static_cast<long long>(t) * a.c + ch];
+    for (int t = ty; t < a.tiles; t += kFinalT) {
+      const long long o = static_cast<long long>(t) * a.c + ch;
+      const double n = cnt[o];
       n_sum += n;
-      nm_sum += n * static_cast<double>(mu[static_cast<long long>(t) * a.c + ch]);
+      nm_sum += n * static_cast<double>(mu[o]);
     }
   }
-  red[ty][tx] = n_sum;
-  __syncthreads();
-  if (ty == 0) {
-    double s = 0.0;
-    for (int y = 0; y < 16; ++y) s += red[y][tx];
-    total_sh[tx] = s;
-  }
-  __syncthreads();
-  red[ty][tx] = nm_sum;
-  __syncthreads();
-  if (ty == 0) {
-    double s = 0.0;
-    for (int y = 0; y < 16; ++y) s += red[y][tx];
-    mean_sh[tx] = s / total_sh[tx];
-  }
-  __syncthreads();
-  const double mean = mean_sh[tx];
+  const double total = sum_over_tile_threads(n_sum, red);
+  const double mean = sum_over_tile_threads(nm_sum, red) / total;
   double q = 0.0;
   if (ch < a.c) {
-    for (int t = ty; t < a.tiles; t += 16) {
+    for (int t = ty; t < a.tiles; t += kFinalT) {
       const long long o = static_cast<long long>(t) * a.c + ch;
       const double d = static_cast<double>(mu[o]) - mean;
       q += static_cast<double>(m2[o]) + static_cast<double>(cnt[o]) * d * d;
     }
   }
-  red[ty][tx] = q;
-  __syncthreads();
+  const double m2_total = sum_over_tile_threads(q, red);
   if (ty != 0 || ch >= a.c) return;
-  double m2_total = 0.0;
-  for (int y = 0; y < 16; ++y) m2_total += red[y][tx];
-  const double total = total_sh[tx];
   const double var = m2_total / total;
   const double invstd = 1.0 / sqrt(var + static_cast<double>(a.eps));
   const double scale = a.gamma != nullptr ? static_cast<double>(a.gamma[ch]) * invstd : invstd;
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(512) bn_finalize_kernel(BnFinalizeArgs a) {
 
 cudaError_t launch_bn_finalize(const BnFinalizeArgs& a, cudaStream_t stream) {
   if (a.c == 0) return cudaSuccess;
-  PF_LAUNCH(bn_finalize_kernel, ceil_div(a.c, 32), dim3(32, 16), stream, a);
+  PF_LAUNCH(bn_finalize_kernel, ceil_div(a.c, kFinalCh), dim3(kFinalCh, kFinalT), stream, a);
   return cudaGetLastError();
 }
 

@@ -16,8 +16,10 @@ from .common import INTERPRET, chan_merge, empty_summary, moments, nhwc
 
 # bn_stats: rows per partial (one program each), rows loaded at a time, channels per program.
 TILE_ROWS, _STATS_BLOCK_R, _STATS_BLOCK_C = (32, 16, 16) if INTERPRET else (1024, 64, 64)
-# bn_finalize: partial tiles merged at a time, channels per program.
-_FINAL_BLOCK_T, _FINAL_BLOCK_C = (16, 16) if INTERPRET else (64, 64)
+# bn_finalize: partial tiles merged at a time, channels per program, warps. A program reads every
+# tile of its channels (thousands for a large batch): few channels and many tiles per step keep
+# more programs and more loads in flight than the transposed choice.
+_FINAL_BLOCK_T, _FINAL_BLOCK_C, _FINAL_WARPS = (16, 16, 4) if INTERPRET else (256, 16, 8)
 
 
 @triton.jit
@@ -136,5 +138,5 @@ def bn_finalize(partials, weight, bias, eps, running_mean=None, running_var=None
         num_batches_tracked if from_count else dummy, mean, invstd, scale, shift,
         partials.shape[1], c, float(eps), 0.0 if momentum is None else float(momentum),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
-        FACTOR_FROM_COUNT=from_count, BLOCK_T=_FINAL_BLOCK_T, BLOCK_C=_FINAL_BLOCK_C)
+        FACTOR_FROM_COUNT=from_count, BLOCK_T=_FINAL_BLOCK_T, BLOCK_C=_FINAL_BLOCK_C, num_warps=_FINAL_WARPS)
     return mean, invstd, scale, shift
