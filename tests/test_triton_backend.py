@@ -147,9 +147,10 @@ def test_explicit_and_default_configurations(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32", None])
 def test_tile_prune(precision):
-    """The GPU tile rules: channel blocks fitted to the channel counts; for exact fp32 products,
-    reduction blocks of at most 16 and free row blocks of at most 64; for tensor cores, free
-    reduction blocks (wgrad's pixels) of at least 32."""
+    """The GPU tile rules (conv.py): channel blocks fitted to the channel counts; register limits by
+    precision (exact fp32: reduction 16, free rows 64; TF32: reduction 32) and by channel alignment
+    (counts that are not multiples of 16: reduction 32, free rows 64); tensor cores: free reduction
+    blocks (wgrad's pixels) of at least 32."""
     import triton
 
     from preact_fused.triton import conv
@@ -161,13 +162,15 @@ def test_tile_prune(precision):
         kept = fit(configs, {"PRECISION": precision, **args})
         return {name: sorted({c.kwargs[name] for c in kept}) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
 
-    stem = blocks(conv._CONV_FIT, N_out=17, K_ch=3)
-    assert stem == {"BLOCK_M": [16, 64] if precision == "ieee" else [16, 64, 128], "BLOCK_N": [32], "BLOCK_K": [16]}
-    wide = blocks(conv._CONV_FIT, N_out=256, K_ch=64)
-    assert wide["BLOCK_N"] == [128] and wide["BLOCK_K"] == ([16] if precision == "ieee" else [64])
-    wgrad = blocks(conv._WGRAD_FIT, Cin=33, Cout=256)
-    assert wgrad["BLOCK_M"] == [64] and wgrad["BLOCK_N"] == [128]
-    assert wgrad["BLOCK_K"] == ([16] if precision == "ieee" else [32, 64])
+    max_k = {"ieee": 16, "tf32": 32}.get(precision, 64)
+    free_m = [16, 64] if precision == "ieee" else [16, 64, 128]
+    assert blocks(conv._CONV_FIT, N_out=256, K_ch=64) == {"BLOCK_M": free_m, "BLOCK_N": [128], "BLOCK_K": [max_k]}
+    assert blocks(conv._CONV_FIT, N_out=16, K_ch=3) == {"BLOCK_M": [16, 64], "BLOCK_N": [16], "BLOCK_K": [16]}
+    assert blocks(conv._CONV_FIT, N_out=17, K_ch=100) == {"BLOCK_M": [16, 64], "BLOCK_N": [32],
+                                                          "BLOCK_K": [min(max_k, 32)]}
+    pixels = [16] if precision == "ieee" else [32] if precision == "tf32" else [32, 64]
+    assert blocks(conv._WGRAD_FIT, Cin=64, Cout=256) == {"BLOCK_M": [64], "BLOCK_N": [128], "BLOCK_K": pixels}
+    assert blocks(conv._WGRAD_FIT, Cin=33, Cout=256)["BLOCK_K"] == ([16] if precision == "ieee" else [32])
 
 
 def test_autotuning_once_per_problem_and_never_while_capturing(monkeypatch):

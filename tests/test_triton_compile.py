@@ -4,7 +4,7 @@ register and fits the shared memory of one block.
 
 The builds run in a subprocess (tests/triton_aot.py) because kernels decorated under
 TRITON_INTERPRET=1, which this test session sets on a machine without a GPU, cannot be compiled.
-About 740 builds; a few minutes on two cores.
+About 670 builds; a few minutes on two cores.
 """
 import json
 import os

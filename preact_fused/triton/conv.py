@@ -20,6 +20,7 @@ bf16/fp16 use tensor cores with fp32 accumulation. Statistics and sums are fp32.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -57,22 +58,31 @@ CONV_CONFIGS = _configs((64, 128), (16, 32, 64, 128), (16, 32, 64))
 # wgrad: input channels x output channels x output pixels.
 WGRAD_CONFIGS = _configs((16, 32, 64, 128), (16, 32, 64, 128), (16, 32, 64))
 
-# Exact fp32 products ('ieee') run on the FMA units with both operand slices of a thread in
-# registers for a whole reduction block: they reduce 16 at a time and, where the row block is free
-# (forward/dgrad pixels), take at most 64 rows. Larger blocks spill: reduction blocks of 32 on sm_80,
-# 128 x 128 accumulators under Triton 3.6 on sm_90. Tensor-core products keep reduction blocks of
-# at least 32 where the block is free (wgrad's pixels): 16 only adds loop overhead there.
-IEEE_MAX_BLOCK_K = 16
-IEEE_MAX_FREE_BLOCK_M = 64
+# Limits that keep a tile's registers in budget (tests/test_triton_compile.py checks the builds):
+# * exact fp32 products ('ieee') run on the FMA units with both operand slices of a thread in
+#   registers for a whole reduction block: reduction blocks of 16, free row blocks of at most 64
+#   (reduction blocks of 32 spill on sm_80, 128 x 128 accumulators under Triton 3.6 on sm_90);
+# * TF32 operands take twice the registers of bf16 ones: reduction blocks of at most 32;
+# * channel counts that are not multiples of 16 defeat vectorized loads (an address per element):
+#   reduction blocks of at most 32, free row blocks of at most 64;
+# * tensor-core products keep free reduction blocks (wgrad's pixels) of at least 32: 16 only adds
+#   loop overhead.
+IEEE_MAX_BLOCK_K, IEEE_MAX_FREE_BLOCK_M = 16, 64
+TF32_MAX_BLOCK_K = 32
+UNALIGNED_MAX_BLOCK_K, UNALIGNED_MAX_FREE_BLOCK_M = 32, 64
 MMA_MIN_FREE_BLOCK_K = 32
 
 
-def _suits_precision(config, precision: str, fitted) -> bool:
-    """Whether a tile configuration suits the dot precision (the rules above)."""
-    m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+def _limits(precision: str, aligned: bool) -> tuple[float, float, float]:
+    """(largest BLOCK_K, largest free BLOCK_M, smallest free BLOCK_K) under the rules above."""
+    max_k, max_free_m, min_free_k = math.inf, math.inf, MMA_MIN_FREE_BLOCK_K
     if precision == "ieee":
-        return k <= IEEE_MAX_BLOCK_K and ("BLOCK_M" in fitted or m <= IEEE_MAX_FREE_BLOCK_M)
-    return "BLOCK_K" in fitted or k >= MMA_MIN_FREE_BLOCK_K
+        max_k, max_free_m = IEEE_MAX_BLOCK_K, IEEE_MAX_FREE_BLOCK_M
+    elif precision == "tf32":
+        max_k = TF32_MAX_BLOCK_K
+    if not aligned:
+        max_k, max_free_m = min(max_k, UNALIGNED_MAX_BLOCK_K), min(max_free_m, UNALIGNED_MAX_FREE_BLOCK_M)
+    return max_k, max_free_m, min(min_free_k, max_k)
 
 
 def _fitting(fitted):
@@ -82,11 +92,14 @@ def _fitting(fitted):
     up to a power of two (at least 16, tl.dot's minimum), or the largest block listed when the count
     is larger. A whole channel range in one tile reads the gathered operand once; the remaining
     choices (BLOCK_M, or BLOCK_K over pixels for wgrad) are what autotuning times, among those that
-    suit the dot precision.
+    keep to the register limits above.
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        configs = [c for c in configs if _suits_precision(c, args["PRECISION"], fitted)]
+        max_k, max_free_m, min_free_k = _limits(args["PRECISION"], all(args[a] % 16 == 0 for a in fitted.values()))
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= max_k
+                   and ("BLOCK_M" in fitted or c.kwargs["BLOCK_M"] <= max_free_m)
+                   and ("BLOCK_K" in fitted or c.kwargs["BLOCK_K"] >= min_free_k)]
         if not configs:  # the interpreter's single tile
             return []
         targets = {block: min(max(16, triton.next_power_of_2(args[arg])), max(c.kwargs[block] for c in configs))
