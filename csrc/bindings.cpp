@@ -126,7 +126,7 @@ ConvShape make_shape(const Tensor& x, int64_t cout, int64_t kh, int64_t kw, int6
   s.stride = static_cast<int>(stride);
   s.pad = static_cast<int>(padding);
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) <= kMaxRows && x.size(0) * ho * wo <= kMaxRows,
-              "preact_fused: 2^31 - 1025 pixels per batch at most are supported");
+              "preact_fused: at most ", kMaxRows, " pixels per batch are supported");
   return s;
 }
 

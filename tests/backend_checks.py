@@ -51,6 +51,11 @@ ODD_CASES = [
 
 LAYOUTS = ("nchw", "channels_last", "noncontiguous")
 
+# A tensor with many statistics tiles (18,432 rows: 144 of the CUDA backend's, 576 of the Triton
+# interpreter's), so bn_finalize's threads stride over several tiles each, and 9 channels that
+# leave a partial channel block.
+MANY_TILES = (2, 9, 96, 96)
+
 # Every distinct BN-ReLU-conv triple of the CIFAR ResNet-1001 (bottleneck units, widths 16/32/64 x4,
 # 32x32 inputs): (name, Cin, Cout, input H=W, kernel, stride).
 RESNET1001_TRIPLES = [

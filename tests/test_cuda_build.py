@@ -19,7 +19,7 @@ import torch
 import preact_fused.cuda as cuda_backend
 from preact_fused import reference
 
-from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, check_bn_backward, check_bn_stats_finalize,
+from backend_checks import (LAYOUTS, MANY_TILES, ODD_CASES, ConvCase, check_bn_backward, check_bn_stats_finalize,
                             check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_fwd_autograd,
                             check_conv_wgrad, opcheck_samples)
 
@@ -194,11 +194,6 @@ EMU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EMU_RESNET_CASES = [ConvCase(2, 3, 16, 32, 32, 3, 1), ConvCase(2, 16, 16, 32, 32, 3, 1),
                     ConvCase(2, 32, 32, 32, 32, 3, 2), ConvCase(2, 128, 256, 16, 16, 1, 2),
                     ConvCase(2, 64, 256, 8, 8, 1, 1)]
-
-
-# 18,432 rows: 144 statistics tiles, so each of bn_finalize's 64 tile threads per channel strides
-# over several tiles, and 9 channels leave a partial channel block.
-MANY_TILES = (2, 9, 96, 96)
 
 
 @pytest.fixture(scope="module")

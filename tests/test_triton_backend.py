@@ -20,9 +20,9 @@ import preact_fused.triton as triton_ops  # noqa: E402
 from preact_fused.models import PreActResNet, _CifarStem  # noqa: E402
 from preact_fused.nn import BNReLUConv2d, PreActBasicBlock, PreActBottleneck  # noqa: E402
 
-from backend_checks import (LAYOUTS, ODD_CASES, ConvCase, check_bn_backward, check_bn_stats_finalize,  # noqa: E402
-                            cast, check_conv_dgrad, check_conv_fwd, check_conv_wgrad, make_inputs,
-                            merged_stats, rel_error)
+from backend_checks import (LAYOUTS, MANY_TILES, ODD_CASES, ConvCase, check_bn_backward,  # noqa: E402
+                            check_bn_stats_finalize, cast, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
+                            make_inputs, merged_stats, rel_error)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = torch.float32
@@ -80,6 +80,10 @@ def test_conv_wgrad(case, layout_name, dtype):
 def test_bn_stats_finalize(layout_name, momentum, dtype):
     check_bn_stats_finalize(triton_ops, (3, 17, 9, 9), dtype, DEVICE, layout_name, momentum=momentum)
     check_bn_stats_finalize(triton_ops, (1, 3, 7, 7), dtype, DEVICE, layout_name, affine=False)
+
+
+def test_bn_finalize_of_many_tiles():
+    check_bn_stats_finalize(triton_ops, MANY_TILES, F32, DEVICE, "channels_last")
 
 
 @pytest.mark.parametrize("layout_name", LAYOUTS)

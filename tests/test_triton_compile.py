@@ -1,6 +1,6 @@
 """The Triton kernels compile for Hopper (sm_90) without a GPU: every build that the ResNet-1001 shapes
 can select, in float32 (exact and TF32), bfloat16 and float16, compiles to a cubin, spills no
-register and fits the shared memory of one block.
+register under pressure (see QUIRK_STACK_BYTES) and fits the shared memory of one block.
 
 The builds run in a subprocess (tests/triton_aot.py) because kernels decorated under
 TRITON_INTERPRET=1, which this test session sets on a machine without a GPU, cannot be compiled.
