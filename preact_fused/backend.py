@@ -1,7 +1,7 @@
 """Picks the backend that runs the kernel contracts: reference | triton | cuda.
 
-Every backend is a module exposing the six contract functions of ``preact_fused.reference``
-(``conv_fwd``, ``bn_stats``, ``bn_finalize``, ``conv_dgrad``, ``conv_wgrad``, ``bn_backward``) and
+Every backend is a module exposing the functions of the kernel contract (``preact_fused.contract``:
+``conv_fwd``, ``bn_stats``, ``bn_fold``, ``conv_dgrad``, ``conv_wgrad``, ``bn_backward``) and
 ``unavailable_reason(device) -> str | None`` (None when it can run on that device).
 
 "auto" (the default; the environment variable ``PREACT_FUSED_BACKEND`` overrides it) prefers the
@@ -54,8 +54,29 @@ def _requested(name: str) -> str:
     return name
 
 
+_resolved: dict[tuple, object] = {}
+
+
 def resolve(name: str, device: torch.device):
-    """The backend module to run on ``device`` for the setting ``name`` ("auto" or a backend)."""
+    """The backend module to run on ``device`` for the setting ``name`` ("auto" or a backend).
+
+    Resolved once per (setting, device) and remembered: the environment variable is read, and the
+    extension and device probed, at the first call only (``reset()`` forgets the choices).
+    """
+    key = (name, device)
+    module = _resolved.get(key)
+    if module is None:
+        module = _resolved[key] = _resolve(name, device)
+    return module
+
+
+def reset() -> None:
+    """Forget the resolved backends (after changing PREACT_FUSED_BACKEND, or in tests)."""
+    _resolved.clear()
+    _warned.clear()
+
+
+def _resolve(name: str, device: torch.device):
     name = _requested(name)
     device = torch.device(device)
     if name != "auto":
@@ -75,7 +96,7 @@ def resolve(name: str, device: torch.device):
         message = "preact_fused: no fast backend on this CUDA device, using the reference backend (" + "; ".join(reasons) + ")"
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     return _load("reference")
 
 

@@ -22,7 +22,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import batch_norm_params, bn_relu_conv2d, check_input, conv_geometry, resolve_ops
+from .backend import resolve
+from .functions import bn_relu_convs
+from .validation import check_input, conv_geometry
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, getattr(F, "relu_", None)} - {None}
 _RELU_METHODS = {"relu", "relu_"}
@@ -80,9 +82,11 @@ def fused_bn_relu_convs(x, bn: nn.BatchNorm2d, *convs: nn.Conv2d, backend: str =
     x: [N, C, H, W]. Returns one tensor per conv (a tuple when there are several).
     """
     check_input(x, convs[0])
-    ops = resolve_ops(backend, x)
-    params = batch_norm_params(bn, x, None, ops)
-    outputs = tuple(bn_relu_conv2d(x, conv, params, ops)[0] for conv in convs)
+    if x.numel() == 0:
+        a = F.relu(bn(x))
+        outputs = tuple(conv(a) for conv in convs)
+    else:
+        outputs = tuple(bn_relu_convs(x, bn, convs, resolve(backend, x.device)))
     return outputs[0] if len(outputs) == 1 else outputs
 
 

@@ -6,17 +6,16 @@ statistics see the global mean and the unbiased global variance, and the backwar
 sums. Gradients of gamma and beta stay local: DistributedDataParallel averages them like any other
 parameter gradient.
 
-How the fused path does it, without touching the kernel contracts:
+How the fused path does it, with the kernel contract unchanged:
 
-* Forward. Each rank merges its statistics partials ``[3, T, C]`` into one tile (Chan's formula),
-  the ranks ``all_gather`` those tiles and ``bn_finalize`` merges the resulting ``[3, world, C]``.
-  Exact (no E[x^2] - E[x]^2 cancellation), deterministic, and the message has the same shape on every
-  rank whatever the local batch size.
-* Backward. ``conv_dgrad`` yields the local sums ``sum_g`` and ``sum_gx`` (the latter about the global
-  mean). dgamma / dbeta come from the local sums; dx needs the global ones, so they are all-reduced.
-  ``bn_backward`` divides by M, which it takes from g's shape (the local count); passing
-  ``sum * M_local / M_global`` instead is exact algebra, as B and C depend on the sums only through
-  ``sum / M``. Every backend's ``bn_backward`` works unchanged.
+* Forward. Each rank's statistics summary ``[4, C]`` (contract.py) is all-gathered and the
+  ``[world, 4, C]`` summaries merged in rank order (``contract.merge_summaries``): exact (no
+  E[x^2] - E[x]^2 cancellation), deterministic, and the message has the same shape on every rank
+  whatever the local batch size. The conv that reads the BN then folds the global summary.
+* Backward. ``conv_dgrad`` yields the local sums (sum_g, sum_gx about the global mean, dgamma).
+  dgamma / dbeta come from the local sums; dx needs the global ones, so they are all-reduced.
+  ``bn_backward`` divides by the count it is given (the local one); passing ``sum * M_local /
+  M_global`` instead is exact algebra, as B and C depend on the sums only through ``sum / M``.
 
 A BatchNorm is synchronised when it is an ``nn.SyncBatchNorm`` in training mode and its process group
 (``bn.process_group``, or the default group) spans more than one rank; ``preact_resnet(sync_bn=True)``
@@ -32,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .contract import merge_summaries
+
 
 def sync_group(bn: nn.Module):
     """The process group to synchronise ``bn``'s batch statistics over, or None (local statistics)."""
@@ -43,34 +44,22 @@ def sync_group(bn: nn.Module):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def merge_partials(partials: torch.Tensor) -> torch.Tensor:
-    """Chan merge of statistics partials ``[3, T, C]`` (count, mean, M2) into one tile ``[3, 1, C]``."""
-    count, mean, m2 = partials.unbind(0)
-    total = count.sum(0)
-    merged_mean = (count * mean).sum(0) / total.clamp_min(1)
-    merged_m2 = (m2 + count * (mean - merged_mean) ** 2).sum(0)
-    return torch.stack([total, merged_mean, merged_m2])[:, None]
+def gather_summaries(stats: torch.Tensor, group) -> torch.Tensor:
+    """The summary [4, C] of the global batch: every rank's summary gathered and merged in rank order."""
+    summaries = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(summaries, stats.contiguous(), group=group)
+    return merge_summaries(torch.stack(summaries))
 
 
-def gather_partials(partials: torch.Tensor, group) -> torch.Tensor:
-    """The statistics of the global batch: ``[3, world, C]``, one merged tile per rank, rank order."""
-    local = merge_partials(partials).contiguous()
-    tiles = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(tiles, local, group=group)
-    return torch.cat(tiles, dim=1)
+def global_sums(sums: torch.Tensor, local_count: float, global_count: torch.Tensor, group) -> torch.Tensor:
+    """The backward sums [3, C] all-reduced over ``group``, scaled by local_count / global_count.
 
-
-def global_sums(sum_g: torch.Tensor, sum_gx: torch.Tensor, local_count: int, global_count: torch.Tensor,
-                group) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-reduced ``sum_g`` and ``sum_gx`` [C], scaled by local_count / global_count for bn_backward.
-
-    ``bn_backward`` computes ``sum / M`` with M = local_count (from g's shape); the scaled sums make
-    that ``global_sum / global_count``, the SyncBatchNorm backward.
+    ``bn_backward`` computes ``sum / count`` with the local count; the scaled sums make that
+    ``global_sum / global_count``, the SyncBatchNorm backward.
     """
-    sums = torch.stack([sum_g, sum_gx])
+    sums = sums.clone()
     dist.all_reduce(sums, group=group)
-    sums = sums * (local_count / global_count.to(sums.dtype))
-    return sums[0], sums[1]
+    return sums * (local_count / global_count.to(sums.dtype))
 
 
 class DistInfo(NamedTuple):

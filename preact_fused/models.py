@@ -1,8 +1,8 @@
 """Pre-activation ResNets (He et al. 2016): CIFAR 110/164/1001 and ImageNet 200.
 
 ``fused=False`` builds the same network from plain torch modules with identical state_dict keys,
-so a checkpoint loads into either. In the fused network the stem conv emits the statistics of its
-output and every unit hands (tensor, statistics partials) to the next; the head BN uses them too.
+so a checkpoint loads into either. In the fused network the stem conv emits the statistics summary
+of its output and every unit hands (tensor, summary) to the next; the head BN uses them too.
 
 ``memory="min"`` recomputes every unit from its input in backward (only unit inputs are saved);
 ``sync_bn=True`` makes every BatchNorm an ``nn.SyncBatchNorm`` (statistics of the global batch across
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import batch_norm_params, bn_relu, bn_relu_conv2d, resolve_ops
+from .backend import resolve
+from .functions import Chain, bn_relu, run_chain
 from .nn import PreActBasicBlock, PreActBottleneck, check_memory_mode
 
 CIFAR_DEPTHS = {110: (PreActBasicBlock, 18), 164: (PreActBottleneck, 18), 1001: (PreActBottleneck, 111)}
@@ -60,12 +61,13 @@ class PreActResNet(nn.Module):
             block.memory = mode
 
     def forward(self, x):
-        if self.fused:
-            ops = resolve_ops(self.backend, x)
-            h, partials = self.stem.fused(x, ops)
-            h, partials = self.blocks((h, partials))
+        if self.fused and x.numel() > 0:
+            ops = resolve(self.backend, x.device)
+            h, stats = self.stem.fused(x, ops)
+            for block in self.blocks:
+                h, stats = block.forward_with_stats(h, stats)
             # The head BN-ReLU feeds a pooling, not a conv: folded like the others, saving h alone.
-            a = bn_relu(h, batch_norm_params(self.bn, h, partials, ops), ops)
+            a = bn_relu(h, self.bn, stats, ops)
         else:
             a = F.relu(self.bn(self.blocks(self.stem(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(a, 1), 1))
@@ -78,7 +80,9 @@ class _CifarStem(nn.Conv2d):
         super().__init__(3, out_channels, 3, padding=1, bias=False)
 
     def fused(self, x, ops):
-        return bn_relu_conv2d(x, self, None, ops, want_stats=True)
+        """(y, summary of y): the stem conv emitting the statistics of its output."""
+        y, stats, _, _ = run_chain(Chain(((None, self),)), x, None, ops, want_stats=True)
+        return y, stats
 
 
 class _ImageNetStem(nn.Module):
@@ -93,7 +97,8 @@ class _ImageNetStem(nn.Module):
         return F.max_pool2d(self.conv(x), 3, stride=2, padding=1)
 
     def fused(self, x, ops):
-        y, _ = bn_relu_conv2d(x, self.conv, None, ops)
+        """(pooled map, None): the first unit's BN reads the pooled map itself."""
+        y = run_chain(Chain(((None, self.conv),)), x, None, ops)[0]
         return F.max_pool2d(y, 3, stride=2, padding=1), None
 
 

@@ -1,9 +1,10 @@
 """Drop-in modules: BNReLUConv2d and the pre-activation residual blocks.
 
 Each module holds plain ``nn.BatchNorm2d`` / ``nn.Conv2d`` children, so its state_dict is that of the
-unfused modules; only ``forward`` differs. Blocks accept either a tensor or a ``(tensor, partials)``
-pair, where partials are the statistics of the tensor produced by its producer (DESIGN.md section 3),
-and return the same kind: models built by this package chain pairs so no BN re-reads its input.
+unfused modules; only ``forward`` differs. A block's ``forward_with_stats(x, stats)`` also takes the
+statistics summary of its input from the producer and returns that of its output (contract.py), so
+the package's models chain units without any BN re-reading its input; ``forward(x)`` is the plain
+module call. An empty batch runs the unfused modules (exactly PyTorch's behaviour, nothing to fuse).
 
 Memory modes of the blocks: ``memory="activations"`` (default) saves one tensor per triple (its
 pre-BN input); ``memory="min"`` saves only the unit's input and runs the unit again in backward
@@ -11,13 +12,15 @@ pre-BN input); ``memory="min"`` saves only the unit's input and runs the unit ag
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import batch_norm_params, bn_relu_conv2d, check_input, conv_geometry, recompute, resolve_ops
+from .backend import resolve
+from .batchnorm import uses_batch_stats
+from .functions import Chain, recompute, run_chain
+from .validation import check_input, conv_geometry
 
 MEMORY_MODES = ("activations", "min")
 
@@ -26,10 +29,6 @@ def check_memory_mode(memory: str) -> str:
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     return memory
-
-
-def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or bn.running_mean is None
 
 
 class BNReLUConv2d(nn.Module):
@@ -64,15 +63,14 @@ class BNReLUConv2d(nn.Module):
         self.bn.reset_parameters()
         self.conv.reset_parameters()
 
-    def fused(self, x, partials=None, residual=None, want_stats=False):
-        """(y, partials of y or None): the op with the statistics of x passed in and out."""
-        check_input(x, self.conv)
-        ops = resolve_ops(self.backend, x)
-        params = batch_norm_params(self.bn, x, partials, ops)
-        return bn_relu_conv2d(x, self.conv, params, ops, residual=residual, want_stats=want_stats)
-
     def forward(self, x):
-        return self.fused(x)[0]
+        check_input(x, self.conv)
+        if x.numel() == 0:
+            return self.conv(F.relu(self.bn(x)))
+        y = run_chain(Chain(((self.bn, self.conv),)), x, None, resolve(self.backend, x.device))[0]
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.to(y.dtype)[:, None, None]
+        return y
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -100,30 +98,44 @@ class _PreActBlock(nn.Module):
     def _triples(self):
         raise NotImplementedError
 
-    def forward(self, inp):
-        pair = isinstance(inp, tuple)
-        x, partials = inp if pair else (inp, None)
+    def chain(self) -> Chain:
+        """The unit as one fused chain: the triples, the projection (a sibling of the first conv) or
+        the identity shortcut."""
+        if self.shortcut is None:
+            return Chain(tuple(self._triples()), (), "input")
+        return Chain(tuple(self._triples()), (self.shortcut,), "sibling")
+
+    def forward(self, x):
+        return self.forward_with_stats(x, None, want_stats=False)[0]
+
+    def forward_with_stats(self, x, stats, want_stats=True):
+        """(y, summary of y or None): the unit on x given the summary ``stats`` of x (or None)."""
+        if not self.fused or x.numel() == 0:
+            run = self._eager_unit
+        else:
+            check_input(x, self._triples()[0][1])
+            ops = resolve(self.backend, x.device)
+            chain = self.chain()
+
+            def run(x, stats, folds):
+                y, y_stats, _, used = run_chain(chain, x, stats, ops, want_stats and folds is None, folds)
+                return y, y_stats, used
         if self.memory == "min" and self._recomputes(x):
-            run = self._fused_unit if self.fused else self._eager_unit
-            y, partials = recompute(functools.partial(run, want_stats=pair), x, partials, list(self.parameters()))
-            return (y, partials) if pair else y
-        if self.fused:
-            y, partials = self._fused_forward(x, partials, want_stats=pair)
-            return (y, partials) if pair else y
-        y = self._eager_forward(x)
-        return (y, None) if pair else y
+            return recompute(run, x, stats, list(self.parameters()))
+        y, y_stats, _ = run(x, stats, None)
+        return y, y_stats
 
     def _recomputes(self, x) -> bool:
         """Whether this forward builds a graph worth recomputing (not under no_grad / inference)."""
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _eager_unit(self, x, partials, bn_params, want_stats):
-        """The unfused unit for ``recompute``; the recomputation updates throw-away copies of the buffers.
+    def _eager_unit(self, x, stats, folds):
+        """The unfused unit as a ``recompute`` run; the recomputation updates throw-away copies of the buffers.
 
         (Copies swapped in and out rather than values copied back: the batch norms of the recomputed
         graph save the running statistics, which must not change version under them.)
         """
-        if bn_params is None:
+        if folds is None:
             return self._eager_forward(x), None, []
         originals = [(m, name, b) for m in self.modules() for name, b in m._buffers.items() if b is not None]
         for m, name, b in originals:
@@ -142,38 +154,6 @@ class _PreActBlock(nn.Module):
         for bn, conv in rest:
             h = conv(F.relu(bn(h)))
         return h + shortcut
-
-    def _fused_forward(self, x, partials, want_stats):
-        h, partials, _ = self._fused_unit(x, partials, None, want_stats)
-        return h, partials
-
-    def _fused_unit(self, x, partials, bn_params, want_stats):
-        """(y, partials of y, the BNParams used). Given ``bn_params``, uses them: no statistics."""
-        triples = self._triples()
-        check_input(x, triples[0][1])
-        ops = resolve_ops(self.backend, x)
-        given = bn_params is not None
-        used = []
-
-        def fold(i, bn, h, partials):
-            used.append(bn_params[i] if given else batch_norm_params(bn, h, partials, ops))
-            return used[-1]
-
-        def stats_for(bn):
-            return not given and _uses_batch_stats(bn)
-
-        (bn, conv), *rest = triples
-        params = fold(0, bn, x, partials)
-        shortcut = x if self.shortcut is None else bn_relu_conv2d(x, self.shortcut, params, ops)[0]
-        stats_next = rest[0][0] if rest else None
-        h, partials = bn_relu_conv2d(x, conv, params, ops, want_stats=stats_for(stats_next))
-        for i, (bn, conv) in enumerate(rest):
-            params = fold(i + 1, bn, h, partials)
-            last = i == len(rest) - 1
-            h, partials = bn_relu_conv2d(
-                h, conv, params, ops, residual=shortcut if last else None,
-                want_stats=(want_stats and not given) if last else stats_for(rest[i + 1][0]))
-        return h, partials, used
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}, memory={self.memory!r}"

@@ -1,0 +1,334 @@
+"""The autograd Functions of the fused path.
+
+``FusedChain`` runs a chain of BN-ReLU-conv triples, a whole pre-activation unit at once: triple i
+reads the output of triple i - 1, "sibling" convs read the first triple's activation (a projection
+shortcut, or several convs of a converted model sharing one BN), and a residual (the chain input or
+the first sibling's output) is added to the last output. One Function for the unit means one
+backward in which every op is called explicitly: the residual gradient enters the first BN's
+``bn_backward`` (no autograd add), dgamma/dbeta are views of the sums ``conv_dgrad`` reduced, and
+nothing is materialised for outputs without gradient. A bottleneck unit costs 3 launches forward
+(each conv folds its BN in its prologue and emits the next BN's statistics in its epilogue) and 9
+backward (dgrad, wgrad and bn_backward per triple).
+
+Saved for backward: the input of every triple (pre-BN: not relu(bn(x))), the per-channel folds and
+the weights. The BatchNorm statistics are computed by the ops without autograd; their gradient is
+part of ``bn_backward``'s formula (DESIGN.md section 1). Two ops reading one BN (conv1 and the
+projection) add their masked gradients through ``bn_backward``'s ``d_residual`` and their sums, which
+is exact because the BN backward is linear in (g, sums).
+
+``FusedBNReLU`` is a BN-ReLU feeding no conv (a network's head). ``Recompute`` runs a unit again in
+backward (memory mode "min"). None of them is twice differentiable: a double backward
+(``create_graph=True`` followed by a backward through the gradients) raises a clear error.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import autocast as _autocast
+from . import distributed as _dist
+from .batchnorm import batch_stats, fold_args, uses_batch_stats
+from .contract import DGAMMA, SUM_G, optional
+from .reference import masked_grad_and_sums, preact
+from .validation import check_batch_stats, conv_geometry
+
+DOUBLE_BACKWARD = ("preact_fused: double backward (differentiating the gradients of a fused op, as a "
+                   "gradient penalty with create_graph=True does) is not supported; use the unfused "
+                   "modules (fused=False, or the original model before convert) for it")
+
+
+def _once_differentiable(backward):
+    """The backward computed without a graph; under create_graph its gradients refuse to be
+    differentiated again, with a message that says why (instead of silently wrong values)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        present = [o for o in outputs if isinstance(o, torch.Tensor)]
+        if not present:
+            return outputs
+        flagged = iter(torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), len(present))(*present))
+        return tuple(next(flagged) if isinstance(o, torch.Tensor) else o for o in outputs)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Chain:
+    """What a FusedChain computes: ``triples`` [(bn or None, conv)], ``siblings`` (convs reading the
+    first triple's activation) and ``residual``: None, "input" or "sibling" (siblings[0]'s output)."""
+    triples: tuple
+    siblings: tuple = ()
+    residual: str | None = None
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The parameters the chain differentiates, in a fixed order (the Function's inputs)."""
+        params = []
+        for bn, conv in self.triples:
+            params.append(conv.weight)
+            if bn is not None:
+                params += [p for p in (bn.weight, bn.bias) if p is not None]
+        return params + [conv.weight for conv in self.siblings]
+
+
+def _cast_like(grad, param):
+    return None if grad is None else grad.to(param.dtype)
+
+
+class FusedChain(torch.autograd.Function):
+    """(y, stats of y, *sibling outputs, *folds) = the chain on x; see ``run_chain``."""
+
+    @staticmethod
+    def forward(ctx, chain: Chain, ops, x, stats, want_stats, given_folds, *params):
+        triples, n = chain.triples, len(chain.triples)
+        inputs, folds, modes = [], [], []
+        h, siblings_out = x, []
+        for i, (bn, conv) in enumerate(triples):
+            stride, padding = conv_geometry(conv)
+            if bn is None:
+                bn_kwargs, mode = {}, None
+            elif given_folds is not None:
+                bn_kwargs, mode = {"fold": given_folds[i]}, (uses_batch_stats(bn), None)
+            else:
+                if uses_batch_stats(bn):
+                    check_batch_stats(h)
+                given = batch_stats(bn, h, stats, ops)
+                bn_kwargs, mode = fold_args(bn, given, update=True), (uses_batch_stats(bn), given.sync)
+            last = i == n - 1
+            if last:
+                want = want_stats
+            else:
+                nxt = triples[i + 1][0]
+                want = nxt is not None and given_folds is None and uses_batch_stats(nxt)
+            residual = None
+            if last and chain.residual == "input":
+                residual = x
+            elif last and chain.residual == "sibling":
+                residual = siblings_out[0]
+            y, stats, fold = ops.conv_fwd(h, conv.weight, stride, padding, **bn_kwargs, residual=residual,
+                                          want_stats=want)
+            fold = bn_kwargs.get("fold", fold)
+            inputs.append(h)
+            folds.append(fold)
+            modes.append(mode)
+            if i == 0:
+                for sibling in chain.siblings:
+                    s_stride, s_padding = conv_geometry(sibling)
+                    siblings_out.append(ops.conv_fwd(x, sibling.weight, s_stride, s_padding, fold=fold)[0])
+            h = y
+        ctx.save_for_backward(*inputs, *[f for f in folds if f is not None])
+        ctx.chain, ctx.ops, ctx.modes = chain, ops, modes
+        ctx.has_fold = [f is not None for f in folds]
+        ctx.set_materialize_grads(False)
+        extra = [f for f in folds if f is not None]
+        if stats is None:  # an empty tensor, not None: torch.compile traces every output as a tensor
+            stats = h.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(stats, *extra)
+        return (h, stats, *siblings_out, *extra)
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, dy, _d_stats, *rest):
+        with _autocast.disabled(dy.device.type if dy is not None else "cpu"):
+            return (None, None) + _chain_backward(ctx, dy, rest[:len(ctx.chain.siblings)])
+
+
+def _chain_backward(ctx, dy, d_siblings):
+    chain, ops = ctx.chain, ctx.ops
+    n = len(chain.triples)
+    saved = ctx.saved_tensors
+    inputs, fold_iter = saved[:n], iter(saved[n:])
+    folds = [next(fold_iter) if has else None for has in ctx.has_fold]
+    needs = iter(ctx.needs_input_grad[6:])
+    needs_params = []
+    for bn, conv in chain.triples:
+        entry = {"w": next(needs)}
+        if bn is not None:
+            entry["gamma"] = next(needs) if bn.weight is not None else False
+            entry["beta"] = next(needs) if bn.bias is not None else False
+        needs_params.append(entry)
+    needs_siblings = [next(needs) for _ in chain.siblings]
+    needs_x = ctx.needs_input_grad[2]
+
+    grads = [dict() for _ in chain.triples]
+    sibling_dw = [None] * len(chain.siblings)
+    d = dy
+    dx = None
+    if chain.residual == "sibling":
+        d_siblings = (dy,) + tuple(d_siblings[1:])
+    for i in reversed(range(n)):
+        bn, conv = chain.triples[i]
+        h, fold = inputs[i], folds[i]
+        stride, padding = conv_geometry(conv)
+        if d is None:
+            continue
+        upstream = i > 0 or needs_x or needs_params[i].get("gamma") or needs_params[i].get("beta") \
+            or (i == 0 and any(needs_siblings))
+        if needs_params[i]["w"]:
+            grads[i]["w"] = ops.conv_wgrad(h, d, tuple(conv.weight.shape), stride, padding, fold)
+        if not upstream:
+            d = None
+            continue
+        g, sums = ops.conv_dgrad(d, conv.weight, h, stride, padding, fold)
+        if bn is None:
+            d = g if i > 0 or chain.residual != "input" else g + dy
+            continue
+        count = h.numel() / h.shape[1]
+        pairs = [(g, sums)]
+        if i == 0:
+            for j, sibling in enumerate(chain.siblings):
+                if d_siblings[j] is None:
+                    continue
+                s_stride, s_padding = conv_geometry(sibling)
+                if needs_siblings[j]:
+                    sibling_dw[j] = ops.conv_wgrad(h, d_siblings[j], tuple(sibling.weight.shape), s_stride,
+                                                   s_padding, fold)
+                pairs.append(ops.conv_dgrad(d_siblings[j], sibling.weight, h, s_stride, s_padding, fold))
+        training, sync = ctx.modes[i]
+        d_residual = dy if (i == 0 and chain.residual == "input") else None
+        for g_part, sums_part in reversed(pairs):
+            sums_dx = sums_part
+            if training and sync is not None:
+                sums_dx = _dist.global_sums(sums_part, count, sync[1], sync[0])
+            d_residual = ops.bn_backward(g_part, h, fold, sums_dx, count, training, d_residual)
+        d = d_residual
+        total = pairs[0][1] if len(pairs) == 1 else sum(s for _, s in pairs)
+        grads[i]["gamma"], grads[i]["beta"] = total[DGAMMA], total[SUM_G]
+    dx = d if needs_x else None
+
+    out = [dx, None, None, None]
+    for (bn, conv), need, grad in zip(chain.triples, needs_params, grads):
+        out.append(_cast_like(grad.get("w"), conv.weight) if need["w"] else None)
+        if bn is not None:
+            if bn.weight is not None:
+                out.append(_cast_like(grad.get("gamma"), bn.weight) if need["gamma"] else None)
+            if bn.bias is not None:
+                out.append(_cast_like(grad.get("beta"), bn.bias) if need["beta"] else None)
+    out += [_cast_like(dw, s.weight) for dw, s in zip(sibling_dw, chain.siblings)]
+    return tuple(out)
+
+
+def run_chain(chain: Chain, x, stats, ops, want_stats=False, given_folds=None):
+    """Run ``chain`` on x [N, C, H, W] with the summary ``stats`` of x (or None: computed from x).
+
+    Returns (y, stats of y or None, [sibling outputs], [folds per triple, None without BN]).
+    ``given_folds``: the folds of an earlier run (memory mode "min"'s recomputation): used instead
+    of statistics, nothing updated. Under autocast x (and so the residual) is cast to the autocast
+    dtype and the ops run with autocast off.
+    """
+    params = chain.parameters()
+    dtype = _autocast.compute_dtype(x)
+    if dtype is None:
+        outputs = FusedChain.apply(chain, ops, x, stats, want_stats, given_folds, *params)
+    else:
+        with _autocast.disabled(x.device.type):
+            outputs = FusedChain.apply(chain, ops, x.to(dtype), stats, want_stats, given_folds, *params)
+    y, y_stats = outputs[0], outputs[1]
+    k = len(chain.siblings)
+    sibling_out = list(outputs[2:2 + k])
+    fold_iter = iter(outputs[2 + k:])
+    folds = [next(fold_iter) if bn is not None else None for bn, _ in chain.triples]
+    return y, (optional(y_stats) if want_stats else None), sibling_out, folds
+
+
+class FusedBNReLU(torch.autograd.Function):
+    """a = relu(bn(x)) for a BN-ReLU that feeds no conv (a network's head): saves x and the fold."""
+
+    @staticmethod
+    def forward(ctx, x, fold, training, sync, ops, gamma, beta):
+        ctx.save_for_backward(x, fold)
+        ctx.training, ctx.sync, ctx.ops = training, sync, ops
+        return preact(x, fold)
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, da):
+        x, fold = ctx.saved_tensors
+        dx = None
+        with _autocast.disabled(da.device.type):
+            g, sums = masked_grad_and_sums(da, x, fold)
+            if ctx.needs_input_grad[0]:
+                count = x.numel() / x.shape[1]
+                sums_dx = sums
+                if ctx.training and ctx.sync is not None:
+                    sums_dx = _dist.global_sums(sums, count, ctx.sync[1], ctx.sync[0])
+                dx = ctx.ops.bn_backward(g, x, fold, sums_dx, count, ctx.training, None)
+        dgamma = sums[DGAMMA] if ctx.needs_input_grad[5] else None
+        dbeta = sums[SUM_G] if ctx.needs_input_grad[6] else None
+        return dx, None, None, None, None, dgamma, dbeta
+
+
+def bn_relu(x, bn: nn.BatchNorm2d, stats, ops):
+    """relu(bn(x)) for x [N, C, H, W] with the summary ``stats`` of x (or None), saving x alone.
+
+    Follows the statistics rules of the fused convs (running-stat update, eval mode, synchronised BN).
+    """
+    if uses_batch_stats(bn):
+        check_batch_stats(x)
+    given = batch_stats(bn, x, stats, ops)
+    with torch.no_grad():
+        fold = ops.bn_fold(**fold_args(bn, given, update=True))
+    return FusedBNReLU.apply(x, fold, uses_batch_stats(bn), given.sync, ops, bn.weight, bn.bias)
+
+
+class Recompute(torch.autograd.Function):
+    """(y, stats) = run(x, stats, None), saving x and the folds only (memory mode "min").
+
+    ``run(x, stats, folds)`` computes one unit and returns (y, stats of y or None, folds used);
+    given ``folds`` (the backward's recomputation) it must use them instead of statistics, so the
+    running statistics are updated once and the recomputed activations are the forward's, bit for
+    bit. ``params`` are the unit's parameters: their gradients come back through this Function.
+    """
+
+    @staticmethod
+    def forward(ctx, run, x, stats, *params):
+        ctx.run, ctx.params = run, params
+        ctx.autocast = _autocast.current(x.device.type)
+        y, y_stats, folds = run(x, stats, None)
+        ctx.has_fold = [f is not None for f in folds]
+        ctx.save_for_backward(x, *[f for f in folds if f is not None])
+        if y_stats is None:
+            y_stats = y.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(y_stats)
+        return y, y_stats
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, dy, _d_stats):
+        x, *saved = ctx.saved_tensors
+        fold_iter = iter(saved)
+        folds = [next(fold_iter) if has else None for has in ctx.has_fold]
+        needs_x, needs_params = ctx.needs_input_grad[1], ctx.needs_input_grad[3:]
+        x = x.detach().requires_grad_(needs_x)
+        with torch.enable_grad(), _autocast.restored(ctx.autocast):
+            y, _, _ = ctx.run(x, None, folds)
+        inputs = ([x] if needs_x else []) + [p for p, needed in zip(ctx.params, needs_params) if needed]
+        grads = iter(torch.autograd.grad(y, inputs, dy, allow_unused=True))
+        dx = next(grads) if needs_x else None
+        dparams = [next(grads) if needed else None for needed in needs_params]
+        return (None, dx, None, *dparams)
+
+
+def recompute(run, x, stats, params):
+    """Run a unit keeping only its input for backward, where it is run again (memory mode "min").
+
+    run(x, stats, folds) -> (y, stats of y or None, folds): see ``Recompute``. Returns (y, stats of
+    y or None). The unit must be deterministic given its input and folds (no dropout).
+    """
+    y, y_stats = Recompute.apply(run, x, stats, *params)
+    return y, optional(y_stats)
+
+
+
+
+def bn_relu_convs(x, bn: nn.BatchNorm2d, convs, ops) -> list[torch.Tensor]:
+    """[conv(relu(bn(x))) for conv in convs]: one statistics pass and running-stat update for the BN,
+    the convs' biases added after the fused ops. x: [N, C, H, W]."""
+    chain = Chain(((bn, convs[0]),), tuple(convs[1:]))
+    y, _, others, _ = run_chain(chain, x, None, ops)
+    return [out if conv.bias is None else out + conv.bias.to(out.dtype)[:, None, None]
+            for out, conv in zip([y, *others], convs)]
