@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -75,15 +76,22 @@ class Chain:
         return params + [conv.weight for conv in self.siblings]
 
 
+class UsedFold(NamedTuple):
+    """The BatchNorm of one triple as a forward applied it: the fold [4, C] (None without BN) and
+    its mode (None without BN, else (batch statistics?, synchronisation (group, global count) or None))."""
+    fold: torch.Tensor | None
+    mode: tuple | None
+
+
 def _cast_like(grad, param):
     return None if grad is None else grad.to(param.dtype)
 
 
 class FusedChain(torch.autograd.Function):
-    """(y, stats of y, *sibling outputs, *folds) = the chain on x; see ``run_chain``."""
+    """(y, stats of y, *sibling outputs) = the chain on x; see ``run_chain``."""
 
     @staticmethod
-    def forward(ctx, chain: Chain, ops, x, stats, want_stats, given_folds, *params):
+    def forward(ctx, chain: Chain, ops, x, stats, want_stats, given, used, *params):
         triples, n = chain.triples, len(chain.triples)
         inputs, folds, modes = [], [], []
         h, siblings_out = x, []
@@ -91,19 +99,19 @@ class FusedChain(torch.autograd.Function):
             stride, padding = conv_geometry(conv)
             if bn is None:
                 bn_kwargs, mode = {}, None
-            elif given_folds is not None:
-                bn_kwargs, mode = {"fold": given_folds[i]}, (uses_batch_stats(bn), None)
+            elif given is not None:
+                bn_kwargs, mode = {"fold": given[i].fold}, given[i].mode
             else:
                 if uses_batch_stats(bn):
                     check_batch_stats(h)
-                given = batch_stats(bn, h, stats, ops)
-                bn_kwargs, mode = fold_args(bn, given, update=True), (uses_batch_stats(bn), given.sync)
+                statistics = batch_stats(bn, h, stats, ops)
+                bn_kwargs, mode = fold_args(bn, statistics, update=True), (uses_batch_stats(bn), statistics.sync)
             last = i == n - 1
             if last:
                 want = want_stats
             else:
                 nxt = triples[i + 1][0]
-                want = nxt is not None and given_folds is None and uses_batch_stats(nxt)
+                want = nxt is not None and given is None and uses_batch_stats(nxt)
             residual = None
             if last and chain.residual == "input":
                 residual = x
@@ -115,6 +123,7 @@ class FusedChain(torch.autograd.Function):
             inputs.append(h)
             folds.append(fold)
             modes.append(mode)
+            used.append(UsedFold(fold, mode))
             if i == 0:
                 for sibling in chain.siblings:
                     s_stride, s_padding = conv_geometry(sibling)
@@ -124,17 +133,16 @@ class FusedChain(torch.autograd.Function):
         ctx.chain, ctx.ops, ctx.modes = chain, ops, modes
         ctx.has_fold = [f is not None for f in folds]
         ctx.set_materialize_grads(False)
-        extra = [f for f in folds if f is not None]
         if stats is None:  # an empty tensor, not None: torch.compile traces every output as a tensor
             stats = h.new_empty(0, dtype=torch.float32)
-        ctx.mark_non_differentiable(stats, *extra)
-        return (h, stats, *siblings_out, *extra)
+        ctx.mark_non_differentiable(stats)
+        return (h, stats, *siblings_out)
 
     @staticmethod
     @_once_differentiable
     def backward(ctx, dy, _d_stats, *rest):
         with _autocast.disabled(dy.device.type if dy is not None else "cpu"):
-            return (None, None) + _chain_backward(ctx, dy, rest[:len(ctx.chain.siblings)])
+            return (None, None) + _chain_backward(ctx, dy, rest)
 
 
 def _chain_backward(ctx, dy, d_siblings):
@@ -143,7 +151,7 @@ def _chain_backward(ctx, dy, d_siblings):
     saved = ctx.saved_tensors
     inputs, fold_iter = saved[:n], iter(saved[n:])
     folds = [next(fold_iter) if has else None for has in ctx.has_fold]
-    needs = iter(ctx.needs_input_grad[6:])
+    needs = iter(ctx.needs_input_grad[7:])
     needs_params = []
     for bn, conv in chain.triples:
         entry = {"w": next(needs)}
@@ -200,7 +208,7 @@ def _chain_backward(ctx, dy, d_siblings):
         grads[i]["gamma"], grads[i]["beta"] = total[DGAMMA], total[SUM_G]
     dx = d if needs_x else None
 
-    out = [dx, None, None, None]
+    out = [dx, None, None, None, None]
     for (bn, conv), need, grad in zip(chain.triples, needs_params, grads):
         out.append(_cast_like(grad.get("w"), conv.weight) if need["w"] else None)
         if bn is not None:
@@ -212,27 +220,23 @@ def _chain_backward(ctx, dy, d_siblings):
     return tuple(out)
 
 
-def run_chain(chain: Chain, x, stats, ops, want_stats=False, given_folds=None):
+def run_chain(chain: Chain, x, stats, ops, want_stats=False, given=None):
     """Run ``chain`` on x [N, C, H, W] with the summary ``stats`` of x (or None: computed from x).
 
-    Returns (y, stats of y or None, [sibling outputs], [folds per triple, None without BN]).
-    ``given_folds``: the folds of an earlier run (memory mode "min"'s recomputation): used instead
-    of statistics, nothing updated. Under autocast x (and so the residual) is cast to the autocast
-    dtype and the ops run with autocast off.
+    Returns (y, stats of y or None, [sibling outputs], [UsedFold per triple]). ``given``: the
+    UsedFolds of an earlier run (memory mode "min"'s recomputation): used instead of statistics,
+    nothing updated. Under autocast x (and so the residual) is cast to the autocast dtype and the
+    ops run with autocast off.
     """
     params = chain.parameters()
+    used: list[UsedFold] = []
     dtype = _autocast.compute_dtype(x)
     if dtype is None:
-        outputs = FusedChain.apply(chain, ops, x, stats, want_stats, given_folds, *params)
+        outputs = FusedChain.apply(chain, ops, x, stats, want_stats, given, used, *params)
     else:
         with _autocast.disabled(x.device.type):
-            outputs = FusedChain.apply(chain, ops, x.to(dtype), stats, want_stats, given_folds, *params)
-    y, y_stats = outputs[0], outputs[1]
-    k = len(chain.siblings)
-    sibling_out = list(outputs[2:2 + k])
-    fold_iter = iter(outputs[2 + k:])
-    folds = [next(fold_iter) if bn is not None else None for bn, _ in chain.triples]
-    return y, (optional(y_stats) if want_stats else None), sibling_out, folds
+            outputs = FusedChain.apply(chain, ops, x.to(dtype), stats, want_stats, given, used, *params)
+    return outputs[0], (optional(outputs[1]) if want_stats else None), list(outputs[2:]), used
 
 
 class FusedBNReLU(torch.autograd.Function):
@@ -278,19 +282,21 @@ def bn_relu(x, bn: nn.BatchNorm2d, stats, ops):
 class Recompute(torch.autograd.Function):
     """(y, stats) = run(x, stats, None), saving x and the folds only (memory mode "min").
 
-    ``run(x, stats, folds)`` computes one unit and returns (y, stats of y or None, folds used);
-    given ``folds`` (the backward's recomputation) it must use them instead of statistics, so the
-    running statistics are updated once and the recomputed activations are the forward's, bit for
-    bit. ``params`` are the unit's parameters: their gradients come back through this Function.
+    ``run(x, stats, given)`` computes one unit and returns (y, stats of y or None, [UsedFold]); given
+    the UsedFolds of the forward (the backward's recomputation) it must apply them instead of
+    statistics, so the running statistics are updated once and the recomputed activations are the
+    forward's, bit for bit. ``params`` are the unit's parameters: their gradients come back through
+    this Function, so DistributedDataParallel and optimizers see ordinary leaves.
     """
 
     @staticmethod
     def forward(ctx, run, x, stats, *params):
         ctx.run, ctx.params = run, params
         ctx.autocast = _autocast.current(x.device.type)
-        y, y_stats, folds = run(x, stats, None)
-        ctx.has_fold = [f is not None for f in folds]
-        ctx.save_for_backward(x, *[f for f in folds if f is not None])
+        y, y_stats, used = run(x, stats, None)
+        ctx.modes = [u.mode for u in used]
+        ctx.has_fold = [u.fold is not None for u in used]
+        ctx.save_for_backward(x, *[u.fold for u in used if u.fold is not None])
         if y_stats is None:
             y_stats = y.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(y_stats)
@@ -301,11 +307,11 @@ class Recompute(torch.autograd.Function):
     def backward(ctx, dy, _d_stats):
         x, *saved = ctx.saved_tensors
         fold_iter = iter(saved)
-        folds = [next(fold_iter) if has else None for has in ctx.has_fold]
+        given = [UsedFold(next(fold_iter) if has else None, mode) for has, mode in zip(ctx.has_fold, ctx.modes)]
         needs_x, needs_params = ctx.needs_input_grad[1], ctx.needs_input_grad[3:]
         x = x.detach().requires_grad_(needs_x)
         with torch.enable_grad(), _autocast.restored(ctx.autocast):
-            y, _, _ = ctx.run(x, None, folds)
+            y, _, _ = ctx.run(x, None, given)
         inputs = ([x] if needs_x else []) + [p for p, needed in zip(ctx.params, needs_params) if needed]
         grads = iter(torch.autograd.grad(y, inputs, dy, allow_unused=True))
         dx = next(grads) if needs_x else None
@@ -316,8 +322,8 @@ class Recompute(torch.autograd.Function):
 def recompute(run, x, stats, params):
     """Run a unit keeping only its input for backward, where it is run again (memory mode "min").
 
-    run(x, stats, folds) -> (y, stats of y or None, folds): see ``Recompute``. Returns (y, stats of
-    y or None). The unit must be deterministic given its input and folds (no dropout).
+    run(x, stats, given) -> (y, stats of y or None, [UsedFold]): see ``Recompute``. Returns (y,
+    stats of y or None). The unit must be deterministic given its input and folds (no dropout).
     """
     y, y_stats = Recompute.apply(run, x, stats, *params)
     return y, optional(y_stats)

@@ -117,8 +117,8 @@ class _PreActBlock(nn.Module):
             ops = resolve(self.backend, x.device)
             chain = self.chain()
 
-            def run(x, stats, folds):
-                y, y_stats, _, used = run_chain(chain, x, stats, ops, want_stats and folds is None, folds)
+            def run(x, stats, given):
+                y, y_stats, _, used = run_chain(chain, x, stats, ops, want_stats and given is None, given)
                 return y, y_stats, used
         if self.memory == "min" and self._recomputes(x):
             return recompute(run, x, stats, list(self.parameters()))
@@ -129,13 +129,13 @@ class _PreActBlock(nn.Module):
         """Whether this forward builds a graph worth recomputing (not under no_grad / inference)."""
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _eager_unit(self, x, stats, folds):
+    def _eager_unit(self, x, stats, given):
         """The unfused unit as a ``recompute`` run; the recomputation updates throw-away copies of the buffers.
 
         (Copies swapped in and out rather than values copied back: the batch norms of the recomputed
         graph save the running statistics, which must not change version under them.)
         """
-        if folds is None:
+        if given is None:
             return self._eager_forward(x), None, []
         originals = [(m, name, b) for m in self.modules() for name, b in m._buffers.items() if b is not None]
         for m, name, b in originals:

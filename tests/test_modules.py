@@ -112,18 +112,19 @@ def test_blocks_match_unfused(block, stride):
         assert torch.equal(ba, bb) or rel(ba.double(), bb.double()) < 1e-12, name
 
 
-def test_pair_input_uses_producer_statistics():
-    """A block given (x, partials) takes the statistics of x from them instead of reading x."""
-    from preact_fused import reference
+def test_forward_with_stats_uses_producer_statistics():
+    """forward_with_stats(x, stats) takes the statistics of x from them and returns those of y."""
+    from preact_fused import contract, reference
     torch.manual_seed(3)
     block = PreActBottleneck(16, 4, fused=True).double()
     x = torch.randn(2, 16, 7, 7, dtype=F64)
     y_tensor = block(x)
-    y_pair, partials = block((x, reference.bn_stats(x)))
+    y_pair, stats = block.forward_with_stats(x, reference.bn_stats(x))
     assert rel(y_pair, y_tensor) < 1e-12
-    assert partials.shape[0] == 3 and partials.shape[2] == block.conv3.out_channels
-    _, mean, _ = partials.unbind(0)
-    assert rel((mean * partials[0]).sum(0) / partials[0].sum(0), y_pair.mean((0, 2, 3))) < 1e-10
+    assert stats.shape == (4, block.conv3.out_channels)
+    mean = stats[contract.PIVOT] + stats[contract.OFFSET]
+    assert rel(mean, y_pair.mean((0, 2, 3))) < 1e-10
+    assert rel(stats[contract.M2] / stats[contract.COUNT], y_pair.var((0, 2, 3), unbiased=False)) < 1e-10
 
 
 def _sgd_steps(model, batches, steps):
