@@ -79,6 +79,13 @@ OPS = tuple(SCHEMAS)
 MUTATED = {"conv_fwd": ("running_mean", "running_var", "num_batches_tracked"),
            "bn_fold": ("running_mean", "running_var", "num_batches_tracked")}
 
+
+
+def argument_names(op: str) -> list[str]:
+    """The argument names of ``op``'s schema, in order (the signature of every backend's function)."""
+    return [a.name for a in torch._C.parse_schema(f"ns::{SCHEMAS[op]}").arguments]
+
+
 # Planes of the [4, C] tensors.
 COUNT, PIVOT, OFFSET, M2 = range(4)
 MEAN, INVSTD, SCALE, SHIFT = range(4)

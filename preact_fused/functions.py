@@ -34,7 +34,7 @@ from . import distributed as _dist
 from .batchnorm import batch_stats, fold_args, uses_batch_stats
 from .contract import DGAMMA, SUM_G, optional
 from .reference import masked_grad_and_sums, preact
-from .validation import check_batch_stats, conv_geometry
+from .validation import check_batch_stats, check_output_size, conv_geometry
 
 DOUBLE_BACKWARD = ("preact_fused: double backward (differentiating the gradients of a fused op, as a "
                    "gradient penalty with create_graph=True does) is not supported; use the unfused "
@@ -97,6 +97,7 @@ class FusedChain(torch.autograd.Function):
         h, siblings_out = x, []
         for i, (bn, conv) in enumerate(triples):
             stride, padding = conv_geometry(conv)
+            check_output_size(h, conv, stride, padding)
             if bn is None:
                 bn_kwargs, mode = {}, None
             elif given is not None:

@@ -57,3 +57,12 @@ def check_batch_stats(x: torch.Tensor) -> None:
     """PyTorch's error for batch statistics of a single value per channel (N*H*W == 1)."""
     if x.numel() == x.shape[1]:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+def check_output_size(x: torch.Tensor, conv: nn.Conv2d, stride: int, padding: int) -> None:
+    """PyTorch's error for a convolution whose output would be empty (kernel larger than the padded input)."""
+    kh, kw = conv.kernel_size
+    h, w = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
+    if h < kh or w < kw:
+        raise RuntimeError(f"Calculated padded input size per channel: ({h} x {w}). Kernel size: ({kh} x {kw}). "
+                           "Kernel size can't be greater than actual input size")

@@ -1,13 +1,20 @@
-"""Checks of one backend's six kernel contracts against the reference backend in float64.
+"""The conformance checks of the kernel contract (preact_fused/contract.py), for any backend.
 
-Shared by the tests of every backend (reference, triton, cuda): a backend is the module passed as
-``ops``. Inputs are fresh random tensors with odd sizes; outputs allocated by the backend are
-poisoned (NaN) beforehand so an unwritten element shows; activations come NCHW, channels_last or
-non-contiguous.
+One definition of every check, run by tests/test_conformance.py on every backend the machine can run
+(reference; Triton, under the interpreter without a GPU; the CUDA kernels, under the emulator without
+a GPU) and by the backends' own test files where they need more. A backend is the module passed as
+``ops``.
 
-Tolerance, relative to the largest magnitude of the float64 result (DESIGN.md section 6):
-float64 1e-10, float32 1e-4 (exact fp32), TF32 2e-3; bfloat16 / float16: at most twice the error of
-PyTorch's own same-dtype computation (the reference backend run in that dtype) plus 1e-3.
+The expected values never come from the reference backend: they are computed here in float64 with
+torch's own modules and autograd (F.batch_norm, F.relu, F.conv2d and their gradients), so the
+reference is checked like any other backend. Inputs are fresh random tensors with odd sizes;
+tensors the backend allocates are poisoned (NaN) first, so an element left unwritten shows;
+activations come NCHW, channels_last or non-contiguous.
+
+Tolerance, relative to the largest magnitude of the float64 result (DESIGN.md section 6): float64
+1e-10, float32 1e-4 (exact fp32 products), TF32 2e-3; bfloat16 / float16: twice the error of
+PyTorch's own computation in that dtype (eager torch ops on the same rounded inputs) plus 1e-3.
+Statistics (float32 in every backend): 1e-5 relative; 1e-10 in float64.
 """
 from __future__ import annotations
 
@@ -15,10 +22,14 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from preact_fused import reference
+from preact_fused import contract
+from preact_fused.contract import COUNT, INVSTD, M2, MEAN, OFFSET, PIVOT, SCALE, SHIFT, stats_dtype
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 2e-3}
+STATS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,12 @@ ODD_CASES = [
 
 LAYOUTS = ("nchw", "channels_last", "noncontiguous")
 
-# A tensor with many statistics tiles (18,432 rows: 144 of the CUDA backend's, 576 of the Triton
-# interpreter's), so bn_finalize's threads stride over several tiles each, and 9 channels that
-# leave a partial channel block.
+# The BatchNorm forms of a conv's input (contract.py): batch statistics with a running-stat update
+# (momentum, or momentum None), batch statistics alone, a given fold, running statistics, none.
+BN_MODES = ("update", "update_cumulative", "stats", "fold", "running", "none")
+
+# A tensor with many statistics tiles (18,432 rows), so the in-launch reduction of every backend has
+# several groups and a partial last one, and 9 channels that leave a partial channel block.
 MANY_TILES = (2, 9, 96, 96)
 
 # Every distinct BN-ReLU-conv triple of the CIFAR ResNet-1001 (bottleneck units, widths 16/32/64 x4,
@@ -132,7 +146,7 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_close(name, actual, expected64, dtype, same_dtype=None, tf32=False):
-    """actual vs the float64 result; for bf16/fp16 against twice the error of ``same_dtype``."""
+    """actual vs the float64 result; bf16/fp16 against twice the error of ``same_dtype`` (PyTorch's own)."""
     assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten output?)"
     err = rel_error(actual, expected64)
@@ -143,222 +157,449 @@ def assert_close(name, actual, expected64, dtype, same_dtype=None, tf32=False):
     assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.1e} ({dtype})"
 
 
-def make_inputs(case: ConvCase, dtype, device, seed=0):
-    """Random float64 CPU inputs of a case: x, w, BN vectors, residual, dy (dict of tensors)."""
+def assert_stats_close(name, actual, expected64, dtype):
+    """Statistics-dtype vectors: 1e-5 relative (float32), 1e-10 (float64)."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten output?)"
+    err = rel_error(actual, expected64)
+    bound = STATS_RTOL[stats_dtype(dtype)]
+    assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.1e}"
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+@dataclass
+class Triple:
+    """One BN-ReLU-conv triple in float64 on the CPU, with every expected value from torch autograd."""
+    case: ConvCase
+    x: torch.Tensor
+    w: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    residual: torch.Tensor
+    dy: torch.Tensor
+
+    def bn(self, training: bool):
+        """(mean, var) the BN normalises with: the batch's (biased variance) or the running ones."""
+        if training:
+            var, mean = torch.var_mean(self.x, (0, 2, 3), unbiased=False)
+            return mean, var
+        return self.running_mean, self.running_var
+
+    def fold(self, training: bool) -> torch.Tensor:
+        mean, var = self.bn(training)
+        invstd = 1 / torch.sqrt(var + EPS)
+        scale = self.gamma * invstd
+        return torch.stack([mean, invstd, scale, self.beta - mean * scale])
+
+    def activation(self, training: bool, x=None) -> torch.Tensor:
+        """relu(batch_norm(x)) by torch's own ops."""
+        mean, var = self.bn(training)
+        x = self.x if x is None else x
+        return F.relu(F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), self.gamma.to(x.dtype),
+                                   self.beta.to(x.dtype), False, 0.0, EPS))
+
+    def grads(self, training: bool):
+        """torch autograd of y = conv(relu(bn(x))): (g = dL/d bn(x), dx, dw, dgamma, dbeta)."""
+        x = self.x.clone().requires_grad_()
+        w = self.w.clone().requires_grad_()
+        gamma, beta = self.gamma.clone().requires_grad_(), self.beta.clone().requires_grad_()
+        mean, var = self.bn(training)
+        if training:
+            z = F.batch_norm(x, None, None, gamma, beta, True, 0.0, EPS)
+        else:
+            z = F.batch_norm(x, mean, var, gamma, beta, False, 0.0, EPS)
+        z.retain_grad()
+        y = F.conv2d(F.relu(z), w, stride=self.case.stride, padding=self.case.padding)
+        y.backward(self.dy)
+        return z.grad, x.grad, w.grad, gamma.grad, beta.grad
+
+
+def make_triple(case: ConvCase, seed=0, offset=0.5, spread=2.0) -> Triple:
+    """Random float64 CPU tensors of a case."""
     g = torch.Generator().manual_seed(seed)
-    ho = (case.h + 2 * case.padding - case.k) // case.stride + 1
-    wo = (case.w + 2 * case.padding - case.k) // case.stride + 1
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    x = rand(case.n, case.cin, case.h, case.w) * 2 + 0.5
-    mean = x.mean((0, 2, 3))
-    invstd = torch.rsqrt(x.var((0, 2, 3), unbiased=False) + 1e-5)
-    gamma, beta = rand(case.cin) * 0.5 + 1, rand(case.cin) * 0.5
-    scale = gamma * invstd
-    return {
-        "x": x, "w": rand(case.cout, case.cin, case.k, case.k) / case.k, "mean": mean, "invstd": invstd,
-        "gamma": gamma, "beta": beta, "scale": scale, "shift": beta - mean * scale,
-        "residual": rand(case.n, case.cout, ho, wo), "dy": rand(case.n, case.cout, ho, wo),
-    }
+    _, _, ho, wo = contract.conv_output_shape((case.n, case.cin, case.h, case.w), (case.cout, case.cin, case.k, case.k),
+                                              case.stride, case.padding)
+    x = rand(case.n, case.cin, case.h, case.w) * spread + offset
+    return Triple(case, x, rand(case.cout, case.cin, case.k, case.k) / case.k, rand(case.cin) * 0.5 + 1,
+                  rand(case.cin) * 0.5, rand(case.cin) * 0.3 + offset, torch.rand(case.cin, generator=g,
+                  dtype=torch.float64) * 2 + spread ** 2 / 2, rand(case.n, case.cout, ho, wo),
+                  rand(case.n, case.cout, ho, wo))
 
 
-def cast(inputs, dtype, device, layout_name="nchw"):
-    """The inputs for a backend: activations in dtype + layout, vectors in the statistics dtype."""
-    sdt = reference.stats_dtype(dtype)
-    out = {}
-    for key, t in inputs.items():
-        if t.dim() == 4 and key != "w":
-            out[key] = layout(t.to(device=device, dtype=dtype), layout_name)
-        elif key == "w":
-            out[key] = t.to(device=device, dtype=dtype)
-        else:
-            out[key] = t.to(device=device, dtype=sdt)
-    return out
+def to_backend(t: torch.Tensor, dtype, device, layout_name="nchw"):
+    """An activation for a backend: dtype, device and layout (vectors: the statistics dtype)."""
+    if t.dim() == 4:
+        return layout(t.to(device=device, dtype=dtype), layout_name)
+    return t.to(device=device, dtype=stats_dtype(dtype))
 
 
-def merged_stats(partials):
-    """(count, mean, M2) per channel merged from partials [3, T, C] in float64."""
-    p = partials.to(torch.float64).cpu()
-    count, mean, m2 = p.unbind(0)
-    total = count.sum(0)
-    merged_mean = (count * mean).sum(0) / total
-    return total, merged_mean, (m2 + count * (mean - merged_mean) ** 2).sum(0)
+def summary64(t: torch.Tensor):
+    """(count, mean, biased variance) per channel of t [N, C, H, W] in float64."""
+    t = t.detach().to(torch.float64).cpu()
+    var, mean = torch.var_mean(t, (0, 2, 3), unbiased=False)
+    return torch.full_like(mean, t.numel() // t.shape[1]), mean, var
 
 
-def check_conv_fwd(ops, case, dtype, device, layout_name, with_bn, with_residual, want_stats, tf32=False):
-    inputs = make_inputs(case, dtype, device)
-    t = cast(inputs, dtype, device, layout_name)
-    bn = (t["scale"], t["shift"]) if with_bn else (None, None)
-    bn64 = (inputs["scale"], inputs["shift"]) if with_bn else (None, None)
+def check_summary(name, stats, of, dtype):
+    """A contract summary [4, C] against the float64 statistics of the tensor ``of`` (as stored)."""
+    assert stats is not None and stats.shape == (4, of.shape[1]), f"{name}: summary shape {None if stats is None else tuple(stats.shape)}"
+    assert stats.dtype == stats_dtype(dtype), f"{name}: summary dtype {stats.dtype}"
+    count, mean, var = summary64(of)
+    s = stats.to(torch.float64).cpu()
+    assert torch.equal(s[COUNT], count), f"{name}: counts {s[COUNT]} != {count}"
+    assert_stats_close(f"{name} mean", s[PIVOT] + s[OFFSET], mean, dtype)
+    assert_stats_close(f"{name} var", s[M2] / s[COUNT], var, dtype)
+
+
+# ---- the checks --------------------------------------------------------------------------------
+
+def _bn_arguments(mode, t: Triple, dtype, device):
+    """(op keyword arguments, expected fold or None, expected (running_mean, running_var, nbt) or None)."""
+    sdt = stats_dtype(dtype)
+    vec = (lambda v: v.to(device=device, dtype=sdt))
+    if mode == "none":
+        return {}, None, None
+    x_stored = to_backend(t.x, dtype, "cpu").to(torch.float64)  # statistics of x as the backend sees it
+    stored = Triple(**{**t.__dict__, "x": x_stored})
+    training = mode != "running"
+    fold = stored.fold(training)
+    if mode == "fold":
+        return {"fold": vec(fold)}, None, None
+    kwargs = {"gamma": vec(t.gamma), "beta": vec(t.beta), "eps": EPS}
+    if mode == "running":
+        return {**kwargs, "running_mean": vec(t.running_mean), "running_var": vec(t.running_var)}, fold, None
+    kwargs["stats"] = to_backend(_summary_of(x_stored), dtype, device)
+    if mode == "stats":
+        return kwargs, fold, None
+    momentum = 0.1 if mode == "update" else None
+    nbt = torch.tensor(4, dtype=torch.long)
+    factor = momentum if momentum is not None else 1 / (int(nbt) + 1)
+    count, mean, var = summary64(x_stored)
+    expected = ((1 - factor) * t.running_mean + factor * mean,
+                (1 - factor) * t.running_var + factor * var * count / (count - 1), int(nbt) + 1)
+    kwargs.update(running_mean=vec(t.running_mean), running_var=vec(t.running_var),
+                  num_batches_tracked=nbt.to(device), momentum=momentum, update_running=True)
+    return kwargs, fold, expected
+
+
+def _summary_of(x64):
+    """A float64 contract summary of x (pivot: the first element of each channel)."""
+    rows = x64.permute(0, 2, 3, 1).reshape(-1, x64.shape[1])
+    pivot = rows[0]
+    var, mean = torch.var_mean(rows, 0, unbiased=False)
+    return torch.stack([torch.full_like(mean, rows.shape[0]), pivot, mean - pivot, var * rows.shape[0]])
+
+
+def _check_running(kwargs, expected, dtype):
+    if expected is None:
+        return
+    rm, rv, nbt = expected
+    assert_stats_close("running_mean", kwargs["running_mean"], rm, dtype)
+    assert_stats_close("running_var", kwargs["running_var"], rv, dtype)
+    assert int(kwargs["num_batches_tracked"]) == nbt, "num_batches_tracked not incremented once"
+
+
+def check_conv_fwd(ops, case, dtype, device, layout_name, mode, with_residual, want_stats, tf32=False):
+    t = make_triple(case)
+    kwargs, fold64, running = _bn_arguments(mode, t, dtype, device)
+    x = to_backend(t.x, dtype, device, layout_name)
+    residual = to_backend(t.residual, dtype, device, layout_name) if with_residual else None
     with poisoned_allocations(device):
-        y, partials = ops.conv_fwd(t["x"], t["w"], case.stride, case.padding, *bn,
-                                   t["residual"] if with_residual else None, want_stats)
-    y64, p64 = reference.conv_fwd(inputs["x"], inputs["w"], case.stride, case.padding, *bn64,
-                                  inputs["residual"] if with_residual else None, want_stats)
-    same = reference.conv_fwd(t["x"], t["w"], case.stride, case.padding, *bn,
-                              t["residual"] if with_residual else None, False)[0]
+        y, stats, fold = ops.conv_fwd(x, to_backend(t.w, dtype, device).to(torch.float32 if dtype != torch.float64
+                                      else dtype), case.stride, case.padding, **kwargs, residual=residual,
+                                      want_stats=want_stats)
+    x64 = x.to(torch.float64).cpu()
+    a64 = x64 if mode == "none" else Triple(**{**t.__dict__, "x": x64}).activation(mode != "running")
+    if mode == "fold":
+        a64 = F.relu(x64 * fold64_of(kwargs)[SCALE][:, None, None] + fold64_of(kwargs)[SHIFT][:, None, None])
+    y64 = F.conv2d(a64, t.w, stride=case.stride, padding=case.padding)
+    if with_residual:
+        y64 = y64 + residual.to(torch.float64).cpu()
+    same = _same_dtype_conv(x, t, mode, kwargs, case, dtype, residual)
     assert_close("conv_fwd y", y, y64, dtype, same, tf32)
     if layout_name == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last), "conv_fwd: output lost channels_last"
-    if not want_stats:
-        assert partials is None
-        return
-    # Statistics are of y as stored: compare with the float64 statistics of the returned y.
-    assert partials.dim() == 3 and partials.shape[0] == 3 and partials.shape[2] == case.cout
-    count, mean, m2 = merged_stats(partials)
-    _, mean_y, m2_y = merged_stats(reference.bn_stats(y.to(torch.float64).cpu()))
-    assert torch.all(count == y.numel() // case.cout), "conv_fwd stats: counts do not add up to N*Ho*Wo"
-    assert_close("conv_fwd stats mean", mean, mean_y, torch.float32)
-    assert_close("conv_fwd stats M2", m2, m2_y, torch.float32)
+    if want_stats:
+        check_summary("conv_fwd stats", stats, y, dtype)
+    else:
+        assert stats is None, "conv_fwd: statistics returned without want_stats"
+    if fold64 is None:
+        assert fold is None, f"conv_fwd: a fold returned in mode {mode}"
+    else:
+        for plane, name in ((MEAN, "mean"), (INVSTD, "invstd"), (SCALE, "scale"), (SHIFT, "shift")):
+            assert_stats_close(f"conv_fwd fold {name}", fold[plane], fold64[plane], dtype)
+    _check_running(kwargs, running, dtype)
 
 
-def check_bn_stats_finalize(ops, shape, dtype, device, layout_name, offset=0.0, momentum=0.1, affine=True):
+def fold64_of(kwargs):
+    return kwargs["fold"].to(torch.float64).cpu()
+
+
+def _same_dtype_conv(x, t, mode, kwargs, case, dtype, residual):
+    """PyTorch's own forward in ``dtype``: batch_norm (as eager runs it in that dtype), relu, conv2d."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    xc = x.cpu()
+    a = xc
+    if mode != "none":
+        fold = kwargs["fold"].cpu() if mode == "fold" else Triple(**{**t.__dict__, "x": xc.double()}).fold(mode != "running")
+        a = F.relu(xc * fold[SCALE].to(dtype)[:, None, None] + fold[SHIFT].to(dtype)[:, None, None])
+    y = F.conv2d(a, t.w.to(dtype), stride=case.stride, padding=case.padding)
+    return y if residual is None else y + residual.cpu()
+
+
+def check_bn_stats(ops, shape, dtype, device, layout_name, offset=0.0, spread=0.5):
+    """The summary of a tensor whose channels have means ``offset + c`` and standard deviation ``spread``."""
     g = torch.Generator().manual_seed(1)
     n, c, h, w = shape
-    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 + offset + torch.arange(c, dtype=torch.float64)[:, None, None]
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * spread + offset + torch.arange(c, dtype=torch.float64)[:, None, None]
     x = layout(x64.to(device=device, dtype=dtype), layout_name)
-    x64 = x.to(torch.float64).cpu()  # statistics of the values as stored
-    sdt = reference.stats_dtype(dtype)
-    gamma = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5) if affine else None
-    beta = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
-    rm, rv = torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g, dtype=torch.float64) + 0.5
-    nbt = torch.tensor(3, dtype=torch.long)
-    to_dev = (lambda v: None if v is None else v.to(device=device, dtype=sdt))
-    rm_dev, rv_dev = to_dev(rm), to_dev(rv)
     with poisoned_allocations(device):
-        partials = ops.bn_stats(x)
-        mean, invstd, scale, shift = ops.bn_finalize(partials, to_dev(gamma), to_dev(beta), 1e-5, rm_dev, rv_dev,
-                                                     momentum, nbt.to(device))
-    ref = reference.bn_finalize(reference.bn_stats(x64), gamma, beta, 1e-5, rm, rv, momentum, nbt)
-    for name, a, r in zip(("mean", "invstd", "scale", "shift"), (mean, invstd, scale, shift), ref):
-        assert_close(f"bn_finalize {name}", a, r, torch.float32 if dtype != torch.float64 else dtype)
-    assert_close("running_mean", rm_dev, rm, torch.float32 if dtype != torch.float64 else dtype)
-    assert_close("running_var", rv_dev, rv, torch.float32 if dtype != torch.float64 else dtype)
+        stats = ops.bn_stats(x)
+    check_summary("bn_stats", stats, x, dtype)
 
 
-def check_conv_dgrad(ops, case, dtype, device, layout_name, with_bn, tf32=False):
-    inputs = make_inputs(case, dtype, device)
-    t = cast(inputs, dtype, device, layout_name)
-    keys = ("scale", "shift", "mean")
-    bn = tuple(t[k] for k in keys) if with_bn else (None,) * 3
-    bn64 = tuple(inputs[k] for k in keys) if with_bn else (None,) * 3
+def check_bn_fold(ops, c, dtype, device, mode, affine=True):
+    """bn_fold in each of its forms: batch statistics (with or without an update) or running statistics."""
+    case = ConvCase(3, c, 1, 5, 7, 1, 1)
+    t = make_triple(case)
+    kwargs, fold64, running = _bn_arguments(mode, t, dtype, device)
+    if not affine:
+        kwargs.update(gamma=None, beta=None)
+        t = Triple(**{**t.__dict__, "gamma": torch.ones(c, dtype=torch.float64), "beta": torch.zeros(c, dtype=torch.float64)})
+        _, fold64, _ = _bn_arguments(mode, t, dtype, device)
     with poisoned_allocations(device):
-        g, sum_g, sum_gx = ops.conv_dgrad(t["dy"], t["w"], t["x"], case.stride, case.padding, *bn)
-    g64, sg64, sgx64 = reference.conv_dgrad(inputs["dy"], inputs["w"], inputs["x"], case.stride, case.padding, *bn64)
-    same = reference.conv_dgrad(t["dy"], t["w"], t["x"], case.stride, case.padding, *bn)
-    assert_close("conv_dgrad g", g, g64, dtype, same[0], tf32)
+        fold = ops.bn_fold(**kwargs)
+    for plane, name in ((MEAN, "mean"), (INVSTD, "invstd"), (SCALE, "scale"), (SHIFT, "shift")):
+        assert_stats_close(f"bn_fold {name}", fold[plane], fold64[plane], dtype)
+    _check_running(kwargs, running, dtype)
+
+
+def check_conv_dgrad(ops, case, dtype, device, layout_name, training, tf32=False, with_bn=True):
+    """g and the sums against torch autograd (g = dL/d bn(x), dbeta, dgamma); without BN the input gradient."""
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, device, layout_name)
+    t = Triple(**{**t.__dict__, "x": x.to(torch.float64).cpu()})
+    dy = to_backend(t.dy, dtype, device, layout_name)
+    t = Triple(**{**t.__dict__, "dy": dy.to(torch.float64).cpu()})
+    w = to_backend(t.w, dtype, device).to(torch.float32 if dtype != torch.float64 else dtype)
+    fold = to_backend(t.fold(training), dtype, device) if with_bn else None
+    with poisoned_allocations(device):
+        g, sums = ops.conv_dgrad(dy, w, x, case.stride, case.padding, fold)
     if layout_name == "channels_last":
         assert g.is_contiguous(memory_format=torch.channels_last), "conv_dgrad: output lost channels_last"
     if not with_bn:
-        assert sum_g is None and sum_gx is None
+        dx64 = torch.nn.grad.conv2d_input(t.x.shape, t.w, t.dy, stride=case.stride, padding=case.padding)
+        same = _same_dtype_dgrad(dy, t, case, dtype)
+        assert_close("conv_dgrad dx", g, dx64, dtype, same, tf32)
+        assert sums is None, "conv_dgrad: sums returned without a BN"
         return
-    assert_close("conv_dgrad sum_g", sum_g, sg64, dtype, same[1], tf32)
-    assert_close("conv_dgrad sum_gx", sum_gx, sgx64, dtype, same[2], tf32)
+    g64, _, _, dgamma64, dbeta64 = t.grads(training)
+    same = None
+    if dtype in (torch.bfloat16, torch.float16):
+        mask = t.activation(training) > 0
+        same = _same_dtype_dgrad(dy, t, case, dtype) * mask
+    assert_close("conv_dgrad g", g, g64, dtype, same, tf32)
+    sums_dtype = torch.float32 if dtype != torch.float64 else dtype
+    assert sums.shape == (3, case.cin) and sums.dtype == stats_dtype(dtype)
+    invstd64 = t.fold(training)[INVSTD]
+    same_sums = None
+    if same is not None:
+        same_sums = torch.stack([same.double().sum((0, 2, 3)), (same.double() * (t.x - t.fold(training)[MEAN][:, None, None])).sum((0, 2, 3))])
+    assert_close("conv_dgrad sum_g", sums[contract.SUM_G], dbeta64, dtype if same is not None else sums_dtype,
+                 None if same_sums is None else same_sums[0], tf32)
+    assert_close("conv_dgrad sum_gx", sums[contract.SUM_GX], dgamma64 / invstd64, dtype if same is not None else sums_dtype,
+                 None if same_sums is None else same_sums[1], tf32)
+    assert_close("conv_dgrad dgamma", sums[contract.DGAMMA], dgamma64, dtype if same is not None else sums_dtype,
+                 None if same_sums is None else same_sums[1] * invstd64, tf32)
 
 
-def check_conv_wgrad(ops, case, dtype, device, layout_name, with_bn, tf32=False):
-    inputs = make_inputs(case, dtype, device)
-    t = cast(inputs, dtype, device, layout_name)
-    bn = (t["scale"], t["shift"]) if with_bn else (None, None)
-    bn64 = (inputs["scale"], inputs["shift"]) if with_bn else (None, None)
-    shape = tuple(inputs["w"].shape)
+def _same_dtype_dgrad(dy, t, case, dtype):
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return torch.nn.grad.conv2d_input(t.x.shape, t.w.to(dtype), dy.cpu(), stride=case.stride, padding=case.padding)
+
+
+def check_conv_wgrad(ops, case, dtype, device, layout_name, training, tf32=False, with_bn=True):
+    """dW against torch autograd (through the BN-ReLU when given, the plain conv otherwise)."""
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, device, layout_name)
+    dy = to_backend(t.dy, dtype, device, layout_name)
+    t = Triple(**{**t.__dict__, "x": x.to(torch.float64).cpu(), "dy": dy.to(torch.float64).cpu()})
+    fold = to_backend(t.fold(training), dtype, device) if with_bn else None
+    shape = tuple(t.w.shape)
     with poisoned_allocations(device):
-        dw = ops.conv_wgrad(t["x"], t["dy"], shape, case.stride, case.padding, *bn)
-    dw64 = reference.conv_wgrad(inputs["x"], inputs["dy"], shape, case.stride, case.padding, *bn64)
-    same = reference.conv_wgrad(t["x"], t["dy"], shape, case.stride, case.padding, *bn)
+        dw = ops.conv_wgrad(x, dy, shape, case.stride, case.padding, fold)
+    assert dw.dtype == stats_dtype(dtype), f"conv_wgrad: dW dtype {dw.dtype}"
+    a64 = t.activation(training) if with_bn else t.x
+    dw64 = torch.nn.grad.conv2d_weight(a64, shape, t.dy, stride=case.stride, padding=case.padding)
+    same = None
+    if dtype in (torch.bfloat16, torch.float16):
+        a = t.activation(training, x.cpu()) if with_bn else x.cpu()
+        same = torch.nn.grad.conv2d_weight(a, shape, dy.cpu(), stride=case.stride, padding=case.padding)
     assert_close("conv_wgrad dw", dw, dw64, dtype, same, tf32)
 
 
 def check_bn_backward(ops, case, dtype, device, layout_name, training, with_residual):
-    inputs = make_inputs(case, dtype, device)
-    t = cast(inputs, dtype, device, layout_name)
-    g = torch.Generator().manual_seed(2)
-    g64 = torch.randn(inputs["x"].shape, generator=g, dtype=torch.float64)
-    d_res64 = torch.randn(inputs["x"].shape, generator=g, dtype=torch.float64)
-    sums64 = (g64.sum((0, 2, 3)), (g64 * (inputs["x"] - inputs["mean"][:, None, None])).sum((0, 2, 3)))
-    grad = layout(g64.to(device=device, dtype=dtype), layout_name)
-    d_res = layout(d_res64.to(device=device, dtype=dtype), layout_name) if with_residual else None
-    sums = tuple(s.to(device=device, dtype=reference.stats_dtype(dtype)) for s in sums64)
-    args = (t["mean"], t["invstd"], t["scale"])
+    """dx = bn_backward(g, x, fold, sums) against torch autograd's dx (plus a residual gradient)."""
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, device, layout_name)
+    t = Triple(**{**t.__dict__, "x": x.to(torch.float64).cpu()})
+    g64, dx64, _, dgamma64, dbeta64 = t.grads(training)
+    fold64 = t.fold(training)
+    sums64 = torch.stack([dbeta64, dgamma64 / fold64[INVSTD], dgamma64])
+    g = to_backend(g64, dtype, device, layout_name)
+    d_res64 = torch.randn(t.x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    d_res = to_backend(d_res64, dtype, device, layout_name) if with_residual else None
+    count = t.x.numel() / t.x.shape[1]
     with poisoned_allocations(device):
-        dx = ops.bn_backward(grad, t["x"], *args, *sums, training, d_res)
-    dx64 = reference.bn_backward(g64, inputs["x"], inputs["mean"], inputs["invstd"], inputs["scale"], *sums64,
-                                 training, d_res64 if with_residual else None)
-    same = reference.bn_backward(grad, t["x"], *args, *sums, training, d_res)
-    assert_close("bn_backward dx", dx, dx64, dtype, same)
+        dx = ops.bn_backward(g, x, to_backend(fold64, dtype, device), to_backend(sums64, dtype, device), count,
+                             training, d_res)
+    expected = dx64 + (d_res64 if with_residual else 0)
+    same = None
+    if dtype in (torch.bfloat16, torch.float16):  # eager's BN backward in that dtype
+        xs = x.cpu().requires_grad_()
+        mean, var = t.bn(training)
+        z = F.batch_norm(xs, None if training else mean.to(dtype), None if training else var.to(dtype),
+                         t.gamma.to(dtype), t.beta.to(dtype), training, 0.0, EPS)
+        z.backward(g.cpu())
+        same = xs.grad + (d_res.cpu() if with_residual else 0)
+    assert_close("bn_backward dx", dx, expected, dtype, same)
+    if layout_name == "channels_last":
+        assert dx.is_contiguous(memory_format=torch.channels_last), "bn_backward: output lost channels_last"
 
 
-def check_on_second_device(ops):
-    """Every contract with its tensors on cuda:1 while cuda:0 is the current device (needs 2 GPUs):
-    the kernels must run where the tensors are, on that device's stream."""
-    case = ODD_CASES[1]
-    with torch.cuda.device(0):
-        check_conv_fwd(ops, case, torch.float32, "cuda:1", "channels_last", True, True, True)
-        check_conv_dgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
-        check_conv_wgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
-        check_bn_stats_finalize(ops, (3, 17, 9, 9), torch.float32, "cuda:1", "channels_last")
-        check_bn_backward(ops, case, torch.float32, "cuda:1", "channels_last", training=True, with_residual=True)
+def check_nan_propagates(ops, dtype, device):
+    """One NaN pixel: the conv outputs it reaches are NaN as in PyTorch (ReLU keeps NaN), in eval
+    mode (a fold) and in training (statistics: the whole channel), and dgrad passes it through."""
+    case = ConvCase(1, 3, 5, 7, 7, 3, 1)
+    t = make_triple(case)
+    x64 = t.x.clone()
+    x64[0, 1, 3, 3] = float("nan")
+    x = to_backend(x64, dtype, device)
+    w = to_backend(t.w, dtype, device).to(torch.float32 if dtype != torch.float64 else dtype)
+    fold = to_backend(t.fold(False), dtype, device)
+    y, _, _ = ops.conv_fwd(x, w, 1, 1, fold=fold)
+    a64 = F.relu(F.batch_norm(x64, t.running_mean, t.running_var, t.gamma, t.beta, False, 0.0, EPS))
+    y64 = F.conv2d(a64, t.w, padding=1)
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(y64)), "conv_fwd (fold): NaN not propagated as PyTorch"
+    stats = ops.bn_stats(x)
+    assert torch.isnan(stats.cpu()[:, 1]).any(), "bn_stats: NaN swallowed"
+    y, _, fold_out = ops.conv_fwd(x, w, 1, 1, stats=stats, gamma=to_backend(t.gamma, dtype, device),
+                                  beta=to_backend(t.beta, dtype, device))
+    expected = F.conv2d(F.relu(F.batch_norm(x64, None, None, t.gamma, t.beta, True, 0.0, EPS)), t.w, padding=1)
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(expected)), "conv_fwd (stats): NaN not propagated"
+    dy = to_backend(t.dy, dtype, device)
+    g, sums = ops.conv_dgrad(dy, w, x, 1, 1, fold)
+    da = torch.nn.grad.conv2d_input(x64.shape, t.w, dy.double().cpu(), padding=1)
+    # PyTorch's ReLU backward passes the gradient where its input is NaN (NaN <= 0 is false).
+    assert rel_error(g.cpu()[0, 1, 3, 3], da[0, 1, 3, 3]) < 1e-3, "conv_dgrad: the ReLU mask dropped a NaN input's gradient"
+    assert torch.isnan(sums.cpu()[contract.SUM_GX, 1]), "conv_dgrad: NaN missing from sum_gx"
+
+
+def check_reruns_identical(ops, dtype, device):
+    """Every op run twice on the same inputs: bit-identical outputs (fixed-order reductions)."""
+    case = ConvCase(2, 17, 9, 9, 9, 3, 2)
+    t = make_triple(case)
+    x, dy = to_backend(t.x, dtype, device, "channels_last"), to_backend(t.dy, dtype, device, "channels_last")
+    w = to_backend(t.w, dtype, device).to(torch.float32)
+    fold = to_backend(t.fold(True), dtype, device)
+    stats = ops.bn_stats(x)
+
+    def run():
+        y, y_stats, _ = ops.conv_fwd(x, w, 2, 1, stats=stats, gamma=to_backend(t.gamma, dtype, device),
+                                     want_stats=True)
+        g, sums = ops.conv_dgrad(dy, w, x, 2, 1, fold)
+        dw = ops.conv_wgrad(x, dy, tuple(w.shape), 2, 1, fold)
+        dx = ops.bn_backward(g, x, fold, sums, x.numel() / x.shape[1], True, x)
+        return y, y_stats, ops.bn_stats(x), g, sums, dw, dx
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second), "a rerun differs"
+
+
+def check_statistics_accuracy(ops, ratio, device):
+    """bn_stats + the fold on float32 data whose mean is ``ratio`` times its std: the variance as
+    accurate as torch.var on the same tensor (within 10x, or 1e-6 relative)."""
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64) + ratio
+    x = x64.to(device=device, dtype=torch.float32)
+    stored = x.to(torch.float64).cpu()
+    var64 = stored.var((0, 2, 3), unbiased=False)
+    torch_err = rel_error(x.cpu().var((0, 2, 3), unbiased=False), var64)
+    stats = ops.bn_stats(x)
+    fold = ops.bn_fold(stats=stats, eps=0.0)
+    var = 1 / fold[INVSTD].double().cpu() ** 2
+    err = rel_error(var, var64)
+    assert err <= max(10 * torch_err, 1e-6), f"variance at mean/std {ratio:g}: {err:.2e} (torch.var: {torch_err:.2e})"
 
 
 def opcheck_samples(dtype, device):
-    """Arguments for torch.library.opcheck of each op of the CUDA extension's schema, by op name.
-
-    Every optional input both given and None, statistics partials (from the reference), the running
-    statistics updated in place with a momentum and with ``momentum=None``, and conv_fwd with
-    inputs that require grad (its registered autograd).
-    """
+    """Arguments for torch.library.opcheck of each contract op, by op name: every optional input
+    both given and None, every BatchNorm form, the running statistics updated in place."""
     case = ConvCase(2, 16, 24, 9, 9, 3, 2)
-    t = cast(make_inputs(case, dtype, device), dtype, device, "channels_last")
-    x, w, dy = t["x"], t["w"], t["dy"]
-    scale, shift, mean, invstd = t["scale"], t["shift"], t["mean"], t["invstd"]
-    partials = reference.bn_stats(x)
-    c = x.shape[1]
-    grad_inputs = [v.detach().clone().requires_grad_() for v in (x, w, scale, shift, t["residual"])]
+    t = make_triple(case)
+    x, dy = to_backend(t.x, dtype, device, "channels_last"), to_backend(t.dy, dtype, device, "channels_last")
+    res = to_backend(t.residual, dtype, device, "channels_last")
+    w = to_backend(t.w, dtype, device).to(torch.float32)
+    fold = to_backend(t.fold(True), dtype, device)
+    stats = to_backend(_summary_of(x.double().cpu()), dtype, device)
+    vec = (lambda v: to_backend(v, dtype, device))
+    gamma, beta = vec(t.gamma), vec(t.beta)
+    sums = torch.randn(3, case.cin, device=device)
 
     def running():
-        return torch.zeros(c, device=device), torch.ones(c, device=device)
+        return vec(t.running_mean), vec(t.running_var), torch.tensor(3, device=device)
 
     return {
-        "conv_fwd": [(x, w, 2, 1, scale, shift, t["residual"], True), (x, w, 2, 1, None, None, None, False),
-                     (*grad_inputs[:2], 2, 1, *grad_inputs[2:], False)],
+        "conv_fwd": [(x, w, 2, 1, stats, None, gamma, beta, *running(), EPS, 0.1, True, res, True),
+                     (x, w, 2, 1, stats, None, None, None, *running(), EPS, None, True, None, False),
+                     (x, w, 2, 1, None, fold, None, None, None, None, None, EPS, 0.1, False, None, True),
+                     (x, w, 2, 1, None, None, gamma, beta, vec(t.running_mean), vec(t.running_var), None, EPS, 0.1,
+                      False, res, False),
+                     (x, w, 2, 1, None, None, None, None, None, None, None, EPS, 0.1, False, None, False)],
         "bn_stats": [(x,)],
-        "bn_finalize": [(partials, t["gamma"], t["beta"], 1e-5, *running(), 0.1, None),
-                        (partials, None, None, 1e-5, *running(), None, torch.tensor(3, device=device))],
-        "conv_dgrad": [(dy, w, x, 2, 1, scale, shift, mean), (dy, w, x, 2, 1, None, None, None)],
-        "conv_wgrad": [(x, dy, list(w.shape), 2, 1, scale, shift), (x, dy, list(w.shape), 2, 1, None, None)],
-        "bn_backward": [(x, x, mean, invstd, scale, mean, invstd, True, x),
-                        (x, x, mean, invstd, scale, mean, invstd, False, None)],
+        "bn_fold": [(stats, gamma, beta, *running(), EPS, 0.1, True),
+                    (None, gamma, beta, vec(t.running_mean), vec(t.running_var), None, EPS, 0.1, False)],
+        "conv_dgrad": [(dy, w, x, 2, 1, fold), (dy, w, x, 2, 1, None)],
+        "conv_wgrad": [(x, dy, list(w.shape), 2, 1, fold), (x, dy, list(w.shape), 2, 1, None)],
+        "bn_backward": [(x, x, fold, sums, 162.0, True, x), (x, x, fold, sums, 162.0, False, None)],
     }
 
 
-def check_compiled_unit(ops, device):
-    """Two fused convs joined by bn_finalize, under torch.compile(fullgraph=True): no graph break
-    (the backend's wrappers and its ops' fakes trace) and the eager result, bit for bit."""
+def check_compiled_unit(ops, device, dtype=torch.bfloat16):
+    """Two fused convs, the second folding the first's statistics, under torch.compile(fullgraph=True):
+    no graph break (the backend's wrappers and its ops' fakes trace) and the eager result, bit for bit."""
     case = ConvCase(4, 32, 32, 16, 16, 3, 1)
-    t = cast(make_inputs(case, torch.bfloat16, device), torch.bfloat16, device, "channels_last")
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, device, "channels_last")
+    res = to_backend(t.residual, dtype, device, "channels_last")
+    w = to_backend(t.w, dtype, device).to(torch.float32)
+    fold = to_backend(t.fold(True), dtype, device)
 
-    def unit(x, w, scale, shift, residual):
-        y, partials = ops.conv_fwd(x, w, 1, 1, scale, shift, residual, True)
-        mean, invstd, s2, b2 = ops.bn_finalize(partials, None, None, 1e-5)
-        return ops.conv_fwd(y, w, 1, 1, s2, b2, None, False)[0]
+    def unit(x, w, fold, residual):
+        y, stats, _ = ops.conv_fwd(x, w, 1, 1, fold=fold, residual=residual, want_stats=True)
+        return ops.conv_fwd(y, w, 1, 1, stats=stats)[0]
 
-    args = (t["x"], t["w"], t["scale"], t["shift"], t["residual"])
+    args = (x, w, fold, res)
     compiled = torch.compile(unit, fullgraph=True, dynamic=False)
     assert torch.equal(compiled(*args), unit(*args))
 
 
-def check_conv_fwd_autograd(ops, device):
-    """The gradients of ops.conv_fwd (its own registered autograd) against the reference's autograd
-    in float64: x, w, scale, shift and residual, odd sizes, stride 2."""
-    case = ConvCase(2, 17, 5, 9, 9, 3, 2)
-    inputs = make_inputs(case, torch.float64, "cpu")
-    leaves64 = {k: inputs[k].clone().requires_grad_() for k in ("x", "w", "scale", "shift", "residual")}
-    leaves = {k: v.detach().to(device, torch.float32).requires_grad_() for k, v in leaves64.items()}
-    for leaf_set, fn in ((leaves64, reference.conv_fwd), (leaves, ops.conv_fwd)):
-        y, _ = fn(leaf_set["x"], leaf_set["w"], 2, 1, leaf_set["scale"], leaf_set["shift"], leaf_set["residual"])
-        (y * inputs["dy"].to(y.device, y.dtype)).sum().backward()
-    for k in leaves:
-        got, want = leaves[k].grad.double().cpu(), leaves64[k].grad
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), k
+def check_on_second_device(ops):
+    """Every op with its tensors on cuda:1 while cuda:0 is current (needs 2 GPUs): the kernels must
+    run where the tensors are, on that device's stream."""
+    case = ODD_CASES[1]
+    with torch.cuda.device(0):
+        check_conv_fwd(ops, case, torch.float32, "cuda:1", "channels_last", "update", True, True)
+        check_conv_dgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
+        check_conv_wgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
+        check_bn_stats(ops, (3, 17, 9, 9), torch.float32, "cuda:1", "channels_last")
+        check_bn_backward(ops, case, torch.float32, "cuda:1", "channels_last", training=True, with_residual=True)

@@ -39,3 +39,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+@pytest.fixture(scope="session")
+def emulated_build(tmp_path_factory):
+    """csrc/ compiled with the host compiler against the emulator of csrc/emulate/: the CUDA
+    kernels' unchanged sources as ops ``torch.ops.preact_fused_emu.*`` on CPU tensors."""
+    import shutil
+    if not os.path.isdir(os.path.join(CSRC, "emulate")):
+        pytest.skip("csrc/ is not beside the tests")
+    if shutil.which("c++") is None:
+        pytest.skip("no host C++ compiler")
+    from torch.utils.cpp_extension import load
+    from preact_fused import contract
+    load(name="preact_fused_emu",
+         sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "emulate", "kernels.cpp")],
+         extra_include_paths=[os.path.join(CSRC, "emulate"), CSRC],
+         extra_cflags=["-DPF_EMULATE", "-O1", "-ffp-contract=off"],
+         build_directory=str(tmp_path_factory.mktemp("emulated_build")), is_python_module=False, with_cuda=False)
+    contract.register_fakes("preact_fused_emu")
+    return torch.ops.preact_fused_emu
+
+
+@pytest.fixture
+def emulated_cuda(emulated_build, monkeypatch):
+    """preact_fused.cuda's functions running the emulated kernels on CPU tensors."""
+    from preact_fused import cuda as cuda_backend
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: emulated_build)
+    return cuda_backend

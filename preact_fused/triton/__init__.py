@@ -1,11 +1,12 @@
-"""The Triton backend: the six kernel contracts of ``preact_fused.reference`` as Triton kernels.
+"""The Triton backend: the six ops of ``preact_fused.contract`` as Triton kernels, one launch per op.
 
-conv.py      implicit-GEMM forward / dgrad (one kernel, compile-time loader and epilogue switches)
-             and wgrad (split pixel reduction), NHWC, any KxK, stride 1 or 2, zero padding
-stats.py     bn_stats (per-tile count/mean/M2) and bn_finalize (Chan merge, running statistics)
-bn_grad.py   bn_backward: dx = A*g + B*x + C [+ d_residual], elementwise
-ops.py       torch.library ops (namespace ``preact_fused_triton``) and the contract functions
-common.py    the BN-ReLU loader, tap geometry and statistics helpers the kernels share
+conv.py      implicit-GEMM forward / dgrad (one kernel, compile-time loader and epilogue switches:
+             the BN fold in the loader, residual, output statistics, dgrad's ReLU mask and sums)
+             and wgrad (split pixel reduction summed in-launch), any KxK, stride 1 or 2, zero padding
+stats.py     bn_stats (summary of a tensor) and bn_fold (fold, running statistics)
+bn_grad.py   bn_backward: dx = scale*g + B*x + C [+ d_residual], elementwise
+ops.py       torch.library ops (namespace ``preact_fused_triton``) and the contract's functions
+common.py    the fold, the BN-ReLU activation, tap geometry, the in-launch reduction tree, semaphores
 
 Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 this package is imported; float32 only there). float32 uses exact fp32 products unless
@@ -16,10 +17,10 @@ from __future__ import annotations
 import torch
 
 from .common import INTERPRET
-from .ops import (bn_backward, bn_finalize, bn_stats, conv_dgrad, conv_fwd, conv_wgrad, fp32_precision,
+from .ops import (bn_backward, bn_fold, bn_stats, conv_dgrad, conv_fwd, conv_wgrad, fp32_precision,
                   set_fp32_precision)
 
-__all__ = ["conv_fwd", "bn_stats", "bn_finalize", "conv_dgrad", "conv_wgrad", "bn_backward",
+__all__ = ["conv_fwd", "bn_stats", "bn_fold", "conv_dgrad", "conv_wgrad", "bn_backward",
            "unavailable_reason", "set_fp32_precision", "fp32_precision"]
 
 

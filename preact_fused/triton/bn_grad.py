@@ -1,62 +1,79 @@
-"""BatchNorm backward given the masked gradient: dx = A*g + B*x + C [+ d_residual], elementwise.
+"""BatchNorm backward given the masked gradient: dx = scale*g + B*x + C [+ d_residual], one launch.
 
-A, B, C are per-channel (DESIGN.md section 1) and computed in each program from the vectors, so the
-op is one launch: A = scale, B = -scale * invstd^2 * sum_gx / M, C = -scale * sum_g / M - B * mean
-(training); B = C = 0 with running statistics.
+B and C are per channel (DESIGN.md section 1) and computed in each program from the fold [4, C],
+the sums [3, C] and the element count: B = -scale * invstd^2 * sum_gx / count,
+C = -scale * sum_g / count - B * mean (training); B = C = 0 with running statistics.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, empty_nhwc, nhwc, vector
+from .common import INTERPRET, empty_nhwc, strides4
 
 _MAX_BLOCK_C, _TILE = (16, 256) if INTERPRET else (128, 4096)  # channels per program, elements per program
 
 
 @triton.jit
 def _bn_backward_kernel(
-    g_ptr,      # NHWC [M, C] masked gradient g
-    x_ptr,      # NHWC [M, C] pre-BN input
-    dres_ptr,   # NHWC [M, C] residual gradient added to dx (HAS_RESIDUAL)
-    dx_ptr,     # NHWC [M, C] output, x_ptr's dtype
-    mean_ptr, invstd_ptr, scale_ptr, sum_g_ptr, sum_gx_ptr,  # [C] fp32
-    M, C,
+    g_ptr, sg_n, sg_c, sg_h, sg_w,      # [N, C, H, W] (strided) masked gradient g
+    x_ptr, sx_n, sx_c, sx_h, sx_w,      # [N, C, H, W] (strided) pre-BN input (TRAINING)
+    dr_ptr, sr_n, sr_c, sr_h, sr_w,     # [N, C, H, W] (strided) residual gradient (HAS_RESIDUAL)
+    dx_ptr,                             # NHWC [M, C] output, x_ptr's dtype
+    fold_ptr,                           # [4, C] mean, invstd, scale, shift
+    sums_ptr,                           # [3, C] sum_g, sum_gx, dgamma (TRAINING)
+    M, C, H, W, count,
     TRAINING: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows[:, None] < M) & col_ok[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    a = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    dx = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * a[None, :]
+    n = rows // (H * W)
+    rem = rows - n * (H * W)
+    ih = rem // W
+    iw = rem % W
+    c64 = cols.to(tl.int64)[None, :]
+    scale = tl.load(fold_ptr + 2 * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + (n * sg_n + ih * sg_h + iw * sg_w)[:, None] + c64 * sg_c, mask=ok, other=0.0)
+    dx = g.to(tl.float32) * scale[None, :]
     if TRAINING:
-        invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
-        b = -a * invstd * invstd * tl.load(sum_gx_ptr + cols, mask=col_ok, other=0.0) / M
-        c = -a * tl.load(sum_g_ptr + cols, mask=col_ok, other=0.0) / M \
-            - b * tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        dx += x * b[None, :] + c[None, :]
+        mean = tl.load(fold_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        invstd = tl.load(fold_ptr + C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sum_g = tl.load(sums_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sum_gx = tl.load(sums_ptr + C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = -scale * invstd * invstd * sum_gx / count
+        c = -scale * sum_g / count - b * mean
+        x = tl.load(x_ptr + (n * sx_n + ih * sx_h + iw * sx_w)[:, None] + c64 * sx_c, mask=ok, other=0.0)
+        dx += x.to(tl.float32) * b[None, :] + c[None, :]
     if HAS_RESIDUAL:
-        dx += tl.load(dres_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        dr = tl.load(dr_ptr + (n * sr_n + ih * sr_h + iw * sr_w)[:, None] + c64 * sr_c, mask=ok, other=0.0)
+        dx += dr.to(tl.float32)
+    tl.store(dx_ptr + rows[:, None] * C + c64, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, training=True, d_residual=None):
-    """dx [N, C, H, W] channels_last in x's dtype (see reference.bn_backward); inputs in any layout."""
+def bn_backward(g, x, fold, sums, count, training, d_residual):
+    """dx [N, C, H, W] channels_last in x's dtype (contract.bn_backward); inputs in any layout."""
     n, c, h, w = x.shape
     rows = n * h * w
-    g, x = nhwc(g), nhwc(x)
-    d_residual = None if d_residual is None else nhwc(d_residual)
     dx = empty_nhwc(n, c, h, w, x)
-    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(c))
+    if fold.dim() != 2 or (training and sums.dim() != 2):
+        raise ValueError("bn_backward needs fold [4, C] and, in training, sums [3, C]")
+    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(max(c, 1)))
     block_r = _TILE // block_c
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(c, block_c))
-    scale = vector(scale)
-    # With running statistics only scale is read: the other vectors may be None.
-    mean, invstd, sum_g, sum_gx = (scale if v is None else vector(v) for v in (mean, invstd, sum_g, sum_gx))
-    _bn_backward_kernel[grid](g, x, dx if d_residual is None else d_residual, dx, mean, invstd, scale, sum_g, sum_gx,
-                              rows, c, TRAINING=bool(training), HAS_RESIDUAL=d_residual is not None,
-                              BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if INTERPRET else 8)
+    grid = (max(1, triton.cdiv(rows, block_r)), max(1, triton.cdiv(c, block_c)))
+    dummy = fold
+
+    def act(t, ptr, prefix):
+        t = dummy if t is None or t.numel() == 0 else t
+        s = strides4(t) if t.dim() == 4 else (0, 0, 0, 0)
+        return {ptr: t, **{f"{prefix}_{d}": v for d, v in zip("nchw", s)}}
+
+    _bn_backward_kernel[grid](
+        **act(g, "g_ptr", "sg"), **act(x, "x_ptr", "sx"), **act(d_residual, "dr_ptr", "sr"),
+        dx_ptr=dx if dx.numel() else dummy, fold_ptr=fold.contiguous(),
+        sums_ptr=sums.contiguous() if training and sums.numel() else dummy,
+        M=rows, C=c, H=h, W=w, count=float(count), TRAINING=bool(training), HAS_RESIDUAL=d_residual is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if INTERPRET else 8)
     return dx

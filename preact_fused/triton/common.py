@@ -278,7 +278,7 @@ def _combine(n_a, p_a, d_a, m_a, n_b, p_b, d_b, m_b, KIND: tl.constexpr):
 
 @triton.jit
 def _store_planes(ptr, row, C, cols, ok, q0, q1, q2, q3, Q: tl.constexpr):
-    base = ptr + row.to(tl.int64) * (Q * C) + cols
+    base = ptr + tl.cast(row, tl.int64) * (Q * C) + cols
     tl.store(base, q0, mask=ok)
     tl.store(base + C, q1, mask=ok)
     if Q == 4:
@@ -289,7 +289,7 @@ def _store_planes(ptr, row, C, cols, ok, q0, q1, q2, q3, Q: tl.constexpr):
 @triton.jit
 def _load_planes(ptr, row, C, cols, ok, Q: tl.constexpr):
     # .cg: from L2, never a stale L1 line of another program's partial
-    base = ptr + row.to(tl.int64) * (Q * C) + cols
+    base = ptr + tl.cast(row, tl.int64) * (Q * C) + cols
     q0 = tl.load(base, mask=ok, other=0.0, cache_modifier=".cg")
     q1 = tl.load(base + C, mask=ok, other=0.0, cache_modifier=".cg")
     q2 = q0

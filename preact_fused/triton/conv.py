@@ -1,22 +1,26 @@
-"""Implicit-GEMM convolutions in NHWC: forward, dgrad and wgrad of conv(relu(bn(x))).
+"""Implicit-GEMM convolutions in NHWC: forward, dgrad and wgrad of conv(relu(bn(x))), one launch each.
 
 Two kernels, one design:
 
 * ``_conv_kernel`` computes out[row, col] = sum over taps and channels of A[src(row, tap), ch] *
-  B[tap, ch, col], a GEMM whose A operand is gathered from an NHWC activation. The forward (rows =
-  output pixels, A = P(x), cols = Cout) and dgrad (TRANSPOSED: rows = input pixels, A = dy, cols =
-  Cin) are the same kernel with compile-time switches for the loader (identity or BN-ReLU) and the
-  epilogue (residual add, statistics partials of the output, or dgrad's ReLU mask with its
-  BN-backward partial sums).
-* ``_wgrad_kernel`` computes dW[tap, ci, co] = sum over output pixels of P(x)[src(pix, tap), ci] *
+  B[tap, ch, col], a GEMM whose A operand is gathered from an activation read through its strides
+  (any layout, no copy). The forward (rows = output pixels, A = P(x), cols = Cout) and dgrad
+  (TRANSPOSED: rows = input pixels, A = dy, cols = Cin) are the same kernel with compile-time
+  switches for the loader (identity or BN-ReLU, the fold computed in the loader from the batch
+  statistics, a given fold or the running statistics) and the epilogue (residual add, the summary
+  [4, Cout] of the stored output, or dgrad's ReLU mask with its sums [3, Cin]). One program writes
+  the fold it used and updates the running statistics; the summaries and sums are reduced inside
+  the launch by the fixed-order tree of common.reduce_tiles.
+* ``_wgrad_kernel`` computes dW[co, ci, kh, kw] = sum over output pixels of P(x)[src(pix, tap), ci] *
   dy[pix, co] with the same loader and tap geometry; the long pixel reduction is split across
-  programs into fp32 partials that a plain ``sum`` reduces (deterministic, no atomics).
+  programs (about two waves of the GPU) into fp32 partials that the last split of each output tile
+  sums in split order (deterministic, no float atomics), in the same launch.
 
-Weights are packed once per call as [KH, KW, Cin, Cout] in the activation dtype: the forward reads
-it with Cout contiguous, dgrad reads the same tensor as its transpose.
+Weights are read as torch's [Cout, Cin, KH, KW] through their strides, in any float dtype, rounded
+to the activation dtype on load: no packing, no cast launch.
 
 fp32 inputs use exact fp32 dot products ('ieee') unless TF32 is asked for (``tf32=True``);
-bf16/fp16 use tensor cores with fp32 accumulation. Statistics and sums are fp32.
+bf16/fp16 use tensor cores with fp32 accumulation. Statistics, folds and sums are fp32.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, STATS_ROWS, bn_affine, dot_precision, empty_nhwc, load_operand, moments,
-                     nhwc, source_pixel, split_rows, store_partial, vector)
+from .. import contract
+from .common import (BN_FOLD, BN_NONE, BN_RUNNING, BN_STATS, GROUP, INTERPRET, KIND_SUMMARY, KIND_SUMS,
+                     bn_fold_vectors, bn_z, buffer, dot_precision, empty_nhwc, preact, reduce_tiles, semaphores,
+                     sm_count, source_offset, strides4, tile_summary, vector, write_fold)
 
 
 # Autotuning times the configurations that fit a problem (the interpreter has a single one);
@@ -112,93 +118,120 @@ _CONV_FIT = _fitting({"BLOCK_N": "N_out", "BLOCK_K": "K_ch"})
 _WGRAD_FIT = _fitting({"BLOCK_M": "Cin", "BLOCK_N": "Cout"})
 
 
-_SWITCHES = ["KH", "KW", "STRIDE", "PAD", "TRANSPOSED", "PREACT", "BN_MASK", "HAS_RESIDUAL", "WANT_STATS",
-             "PRECISION"]
+
+_CONV_FIT = _fitting({"BLOCK_N": "N_out", "BLOCK_K": "K_ch"})
+_WGRAD_FIT = _fitting({"BLOCK_M": "Cin", "BLOCK_N": "Cout"})
+
+# The smallest row and column blocks of the conv configurations: the reduction workspace and the
+# semaphores are sized for them before autotuning picks a configuration.
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONV_CONFIGS)
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONV_CONFIGS)
+_FOLD_BLOCK = tl.constexpr(64)  # channels per step of the one program that writes the fold
+
+_SWITCHES = ["KH", "KW", "STRIDE", "PAD", "TRANSPOSED", "BN", "PREACT", "BN_MASK", "HAS_GAMMA", "HAS_BETA",
+             "UPDATE", "HAS_NBT", "FACTOR_FROM_COUNT", "HAS_RESIDUAL", "WANT_STATS", "PRECISION"]
 
 
 @triton.autotune(configs=CONV_CONFIGS, key=["M", "N_out", "K_ch", *_SWITCHES],
-                 prune_configs_by=None if INTERPRET else {"early_config_prune": _CONV_FIT})
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _CONV_FIT},
+                 restore_value=["rmean_ptr", "rvar_ptr", "nbt_ptr"])
 @triton.jit
 def _conv_kernel(
-    a_ptr,      # gathered operand, NHWC [N, SH, SW, K_ch]: x (forward) or dy (dgrad)
-    w_ptr,      # packed weight [KH, KW, Cin, Cout], a_ptr's dtype
-    out_ptr,    # NHWC [N, OH, OW, N_out]: y (forward) or g / dx (dgrad)
-    res_ptr,    # residual, NHWC [N, OH, OW, N_out] (HAS_RESIDUAL)
-    scale_ptr,  # [Cin] fp32: BN folded scale (forward loader PREACT, dgrad mask BN_MASK)
-    shift_ptr,  # [Cin] fp32: BN folded shift (same)
-    mean_ptr,   # [Cin] fp32: batch mean for sum_gx (BN_MASK)
-    x_ptr,      # pre-BN input, NHWC [N, OH, OW, Cin], for dgrad's ReLU mask (BN_MASK)
-    part_ptr,   # fp32 partials per STATS_ROWS rows: [3, T, N_out] (count, mean, M2) of the stored
-                # output (WANT_STATS) or [2, T, Cin] (sum_g, sum_gx) (BN_MASK)
-    M, N_out, K_ch,  # GEMM sizes: rows N*OH*OW, output channels, reduced channels per tap
-    SH, SW, OH, OW, T,
+    a_ptr, sa_n, sa_c, sa_h, sa_w,      # gathered operand [N, K_ch, SH, SW] (strided): x (forward) or dy (dgrad)
+    w_ptr, sw_o, sw_i, sw_h, sw_w,      # weight [Cout, Cin, KH, KW] (strided), any float dtype
+    out_ptr,                            # NHWC [N, OH, OW, N_out], a_ptr's dtype: y (forward) or g / dx (dgrad)
+    aux_ptr, se_n, se_c, se_h, se_w,    # [N, N_out, OH, OW] (strided): residual (HAS_RESIDUAL) or pre-BN x (BN_MASK)
+    stats_ptr,                          # [4, C_bn] summary of the BN's input (BN_STATS)
+    fold_ptr,                           # [4, C_bn] fold (BN_FOLD)
+    gamma_ptr, beta_ptr,                # [C_bn] affine (HAS_GAMMA, HAS_BETA)
+    rmean_ptr, rvar_ptr,                # [C_bn] running statistics: read (BN_RUNNING) or updated (UPDATE)
+    nbt_ptr,                            # [] int64 num_batches_tracked, incremented (HAS_NBT)
+    fold_out_ptr,                       # [4, K_ch] fold written by program (0, 0) (BN_STATS / BN_RUNNING forward)
+    ws_ptr,                             # fp32 reduction workspace [T + groups, Q, N_out]
+    sem_ptr,                            # zero int32 semaphores (left zero)
+    red_ptr,                            # [4, N_out] summary of y (WANT_STATS) or [3, N_out] sums (BN_MASK)
+    M, N_out, K_ch, SH, SW, OH, OW,     # GEMM rows N*OH*OW, output channels, reduced channels per tap; grids
+    eps, momentum, keep,                # BN epsilon, momentum and 1 - momentum
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    TRANSPOSED: tl.constexpr,    # False: convolution (forward); True: its transpose (dgrad)
-    PREACT: tl.constexpr,        # loader applies relu(a * scale + shift) (forward)
-    BN_MASK: tl.constexpr,       # dgrad epilogue: g = da * (x * scale + shift > 0) and its sums
-    HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr, PRECISION: tl.constexpr,
-    STATS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TRANSPOSED: tl.constexpr,           # False: convolution (forward); True: its transpose (dgrad)
+    BN: tl.constexpr,                   # BN_NONE / BN_STATS / BN_FOLD / BN_RUNNING: the BN of x
+    PREACT: tl.constexpr,               # forward loader applies P(x)
+    BN_MASK: tl.constexpr,              # dgrad epilogue: g = da * !(z <= 0) and its sums
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, UPDATE: tl.constexpr, HAS_NBT: tl.constexpr,
+    FACTOR_FROM_COUNT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WANT_STATS: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PREACT and (BN == BN_STATS or BN == BN_RUNNING):
+        if (pid_m == 0) & (pid_n == 0):
+            write_fold(fold_out_ptr, K_ch, stats_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, eps,
+                       momentum, keep, BN, HAS_GAMMA, HAS_BETA, UPDATE, HAS_NBT, FACTOR_FROM_COUNT, _FOLD_BLOCK)
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    n = rows // (OH * OW)
+    rem = rows - n * (OH * OW)
+    oh = (rem // OW).to(tl.int32)
+    ow = (rem % OW).to(tl.int32)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_out
-    n = rows // (OH * OW)
-    oh = (rows // OW) % OH
-    ow = rows % OW
     ks = tl.arange(0, BLOCK_K)
+    dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_blocks = tl.cdiv(K_ch, BLOCK_K)
-    # One flat loop over (tap, channel block) so that the pipeliner sees a single loop even when a
-    # tap has a single channel block.
-    for it in range(0, KH * KW * k_blocks):
-        tap = it // k_blocks
-        k0 = (it - tap * k_blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap % KW
-        if KH == 1 and KW == 1 and STRIDE == 1 and PAD == 0:
-            pix = rows.to(tl.int64)  # 1x1 stride 1: a plain GEMM over NHWC rows
-            ok = row_ok
-        else:
-            pix, ok = source_pixel(n, oh, ow, kh, kw, row_ok, SH, SW, STRIDE, PAD, TRANSPOSED)
-        ch = k0 + ks
+    for kb in range(0, tl.cdiv(K_ch, BLOCK_K)):
+        ch = kb * BLOCK_K + ks
         ch_ok = ch < K_ch
-        a = load_operand(a_ptr, pix[:, None] * K_ch, ok[:, None], ch[None, :], ch_ok[None, :],
-                         scale_ptr, shift_ptr, PREACT)
-        w_tap = w_ptr + tap * K_ch * N_out
-        if TRANSPOSED:  # B[k = co, n = ci] of the [.., Cin, Cout] packing
-            b_ptrs = w_tap + cols[None, :] * K_ch + ch[:, None]
-        else:           # B[k = ci, n = co]
-            b_ptrs = w_tap + ch[:, None] * N_out + cols[None, :]
-        b = tl.load(b_ptrs, mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if PREACT:  # the fold of this channel block, once for all taps
+            _, _, scale, shift = bn_fold_vectors(ch, ch_ok, K_ch, stats_ptr, fold_ptr, gamma_ptr, beta_ptr,
+                                                 rmean_ptr, rvar_ptr, eps, BN, HAS_GAMMA, HAS_BETA)
+        a_ch = ch.to(tl.int64)[None, :] * sa_c
+        for tap in range(0, KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            src, ok = source_offset(n, oh, ow, kh, kw, row_ok, SH, SW, sa_n, sa_h, sa_w, STRIDE, PAD, TRANSPOSED)
+            mask = ok[:, None] & ch_ok[None, :]
+            a = tl.load(a_ptr + src[:, None] + a_ch, mask=mask, other=0.0)
+            if PREACT:
+                a = preact(a, mask, scale[None, :], shift[None, :]).to(dtype)
+            w_tap = w_ptr + kh * sw_h + kw * sw_w
+            if TRANSPOSED:  # B[k = co, n = ci]
+                b_ptrs = w_tap + ch[:, None] * sw_o + cols[None, :] * sw_i
+            else:           # B[k = ci, n = co]
+                b_ptrs = w_tap + ch[:, None] * sw_i + cols[None, :] * sw_o
+            b = tl.load(b_ptrs, mask=ch_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    out_off = rows.to(tl.int64)[:, None] * N_out + cols[None, :]
+    out_off = rows[:, None] * N_out + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
-    sub_tiles = pid_m * (BLOCK_M // STATS_ROWS) + tl.arange(0, BLOCK_M // STATS_ROWS)
+    aux_off = n[:, None] * se_n + oh.to(tl.int64)[:, None] * se_h + ow.to(tl.int64)[:, None] * se_w \
+        + cols.to(tl.int64)[None, :] * se_c
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
+        acc += tl.load(aux_ptr + aux_off, mask=out_ok, other=0.0).to(tl.float32)
     if BN_MASK:
-        x = tl.load(x_ptr + out_off, mask=out_ok, other=0.0)
-        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-        mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-        z = bn_affine(x, scale[None, :], shift[None, :])
-        acc = tl.where(out_ok & (z > 0), acc, 0.0)
-        gx = acc * (x.to(tl.float32) - mean[None, :])
-        store_partial(part_ptr, 0, T, N_out, sub_tiles, cols, tl.sum(split_rows(acc, STATS_ROWS), axis=1))
-        store_partial(part_ptr, 1, T, N_out, sub_tiles, cols, tl.sum(split_rows(gx, STATS_ROWS), axis=1))
+        x = tl.load(aux_ptr + aux_off, mask=out_ok, other=0.0).to(tl.float32)
+        mean, invstd, scale_o, shift_o = bn_fold_vectors(cols, col_ok, N_out, stats_ptr, fold_ptr, gamma_ptr,
+                                                         beta_ptr, rmean_ptr, rvar_ptr, eps, BN, HAS_GAMMA,
+                                                         HAS_BETA)
+        z = bn_z(x, scale_o[None, :], shift_o[None, :])
+        acc = tl.where(out_ok, tl.where(z <= 0, 0.0, acc), 0.0)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_off, out, mask=out_ok)
-    if WANT_STATS:  # statistics of the output as stored (after rounding), per STATS_ROWS rows
-        valid = tl.broadcast_to(row_ok[:, None], (BLOCK_M, BLOCK_N))
-        count, mean, m2 = moments(split_rows(out.to(tl.float32), STATS_ROWS), split_rows(valid, STATS_ROWS), 1)
-        store_partial(part_ptr, 0, T, N_out, sub_tiles, cols, count)
-        store_partial(part_ptr, 1, T, N_out, sub_tiles, cols, mean)
-        store_partial(part_ptr, 2, T, N_out, sub_tiles, cols, m2)
+
+    tiles = tl.maximum(tl.cdiv(M, BLOCK_M), 1)
+    sem_base = pid_n * (tl.cdiv(tiles, GROUP) + 1)
+    if BN_MASK:  # sums of g before rounding, reduced over the launch's row tiles
+        sum_g = tl.sum(acc, axis=0)
+        sum_gx = tl.sum(acc * (x - mean[None, :]), axis=0)
+        reduce_tiles(sum_g, sum_gx, sum_g, sum_g, pid_m, tiles, cols, N_out, ws_ptr, sem_ptr, sem_base, red_ptr,
+                     invstd, KIND_SUMS, GROUP)
+    if WANT_STATS:  # summary of the output as stored (after rounding)
+        count = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M)
+        c, p, d, m2 = tile_summary(out.to(tl.float32), row_ok[:, None], count)
+        reduce_tiles(c, p, d, m2, pid_m, tiles, cols, N_out, ws_ptr, sem_ptr, sem_base, red_ptr, c,
+                     KIND_SUMMARY, GROUP)
 
 
 @triton.autotune(configs=WGRAD_CONFIGS,
@@ -206,13 +239,14 @@ def _conv_kernel(
                  prune_configs_by=None if INTERPRET else {"early_config_prune": _WGRAD_FIT})
 @triton.jit
 def _wgrad_kernel(
-    x_ptr,      # pre-BN input, NHWC [N, H, W, Cin]
-    dy_ptr,     # NHWC [N, OH, OW, Cout], x_ptr's dtype
-    scale_ptr,  # [Cin] fp32: BN folded scale (PREACT)
-    shift_ptr,  # [Cin] fp32: BN folded shift (PREACT)
-    part_ptr,   # fp32 [SPLITS, Cout, Cin, KH, KW]: dW of each split's pixel range
+    x_ptr, sx_n, sx_c, sx_h, sx_w,      # pre-BN input [N, Cin, H, W] (strided)
+    dy_ptr, sd_n, sd_c, sd_h, sd_w,     # [N, Cout, OH, OW] (strided), any float dtype
+    fold_ptr,                           # [4, Cin] fold (PREACT)
+    part_ptr,                           # fp32 [SPLITS, KH*KW, Cin, Cout]: dW of each split's pixel range
+    sem_ptr,                            # zero int32 semaphores, one per output tile (left zero)
+    dw_ptr,                             # fp32 [Cout, Cin, KH, KW] output
     P, Cin, Cout, H, W, OH, OW,
-    CHUNK,      # output pixels per split (program axis 2)
+    CHUNK, SPLITS,                      # output pixels per split (program axis 2), number of splits
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     PREACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -226,34 +260,50 @@ def _wgrad_kernel(
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < Cout
     split = tl.program_id(2)
-    start = split * CHUNK
+    start = split.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, P)
+    dtype = x_ptr.dtype.element_ty
+    if PREACT:
+        _, _, scale, shift = bn_fold_vectors(ci, ci_ok, Cin, fold_ptr, fold_ptr, fold_ptr, fold_ptr, fold_ptr,
+                                             fold_ptr, 0.0, BN_FOLD, False, False)
+    x_ch = ci.to(tl.int64)[:, None] * sx_c
+    dy_co = co.to(tl.int64)[None, :] * sd_c
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_K):
         pix = p0 + tl.arange(0, BLOCK_K)
         pix_ok = pix < end
-        src, ok = source_pixel(pix // (OH * OW), (pix // OW) % OH, pix % OW, kh, kw, pix_ok, H, W,
-                               STRIDE, PAD, False)
+        n = pix // (OH * OW)
+        rem = pix - n * (OH * OW)
+        oh = (rem // OW).to(tl.int32)
+        ow = (rem % OW).to(tl.int32)
+        src, ok = source_offset(n, oh, ow, kh, kw, pix_ok, H, W, sx_n, sx_h, sx_w, STRIDE, PAD, False)
         # A = P(x)^T [BLOCK_M (ci), BLOCK_K (pixels)], the forward's loader in transposed orientation
-        a = load_operand(x_ptr, src[None, :] * Cin, ok[None, :], ci[:, None], ci_ok[:, None],
-                         scale_ptr, shift_ptr, PREACT)
-        b = tl.load(dy_ptr + pix.to(tl.int64)[:, None] * Cout + co[None, :],
-                    mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
+        mask = ci_ok[:, None] & ok[None, :]
+        a = tl.load(x_ptr + src[None, :] + x_ch, mask=mask, other=0.0)
+        if PREACT:
+            a = preact(a, mask, scale[:, None], shift[:, None]).to(dtype)
+        dy_pix = n * sd_n + oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w
+        b = tl.load(dy_ptr + dy_pix[:, None] + dy_co, mask=pix_ok[:, None] & co_ok[None, :], other=0.0).to(dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    # dW[co, ci, kh, kw] of this split, written straight into torch's weight layout.
-    offs = split.to(tl.int64) * Cout * Cin * KH * KW + (co[None, :] * Cin + ci[:, None]) * (KH * KW) + tap
-    tl.store(part_ptr + offs, acc, mask=ci_ok[:, None] & co_ok[None, :])
-
-
-def _out_size(size: int, k: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - k) // stride + 1
-
-
-def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight [Cout, Cin, KH, KW] -> [KH, KW, Cin, Cout] contiguous in dtype."""
-    return weight.to(dtype).permute(2, 3, 1, 0).contiguous()
+    # This split's partial, then the last split of the output tile sums all of them in split order.
+    taps = KH * KW
+    tile_off = (tap * Cin + ci.to(tl.int64)[:, None]) * Cout + co[None, :]
+    tile_ok = ci_ok[:, None] & co_ok[None, :]
+    split_elems = taps * Cin.to(tl.int64) * Cout
+    tl.store(part_ptr + split * split_elems + tile_off, acc, mask=tile_ok)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    sem = sem_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    arrived = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLITS - 1:
+        tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(part_ptr + s * split_elems + tile_off, mask=tile_ok, other=0.0, cache_modifier=".cg")
+        # dW[co, ci, kh, kw], torch's weight layout
+        dw_off = (co.to(tl.int64)[None, :] * Cin + ci[:, None]) * taps + tap
+        tl.store(dw_ptr + dw_off, total, mask=tile_ok)
 
 
 # The tile configuration chosen for each (kernel, autotuning key, argument dtypes) so far.
@@ -290,104 +340,177 @@ def _launch(kernel, fit, grid, args, config):
     kernel.fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _run_conv(a, wp, out, rows_shape, src_hw, k_ch, n_out, stride, padding, tf32, *, scale=None,
-              shift=None, residual=None, mean=None, x=None, partials=None, transposed=False,
-              want_stats=False, config=None):
-    """Launch ``_conv_kernel``: out [rows_shape..., n_out] (NHWC) from the gathered operand a."""
+def _nonempty(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """t, or ``dummy`` for an absent or empty tensor (a pointer the kernel does not dereference)."""
+    return dummy if t is None or t.numel() == 0 else t
+
+
+def bn_mode(stats, fold, running_mean) -> int:
+    """The form of the BatchNorm of a conv's input (contract.py): BN_FOLD > BN_STATS > BN_RUNNING > BN_NONE."""
+    if fold is not None:
+        return BN_FOLD.value
+    if stats is not None:
+        return BN_STATS.value
+    if running_mean is not None:
+        return BN_RUNNING.value
+    return BN_NONE.value
+
+
+def bn_args(stats, fold, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
+            update_running, dummy):
+    """Kernel arguments of the BatchNorm of a conv's (or bn_fold's) input, and the checks they need."""
+    bn = bn_mode(stats, fold, running_mean)
+    update = bool(update_running) and bn == BN_STATS.value
+    if bn == BN_RUNNING.value and running_var is None:
+        raise ValueError("running statistics need running_var beside running_mean")
+    if update:
+        if running_mean is None or running_var is None:
+            raise ValueError("update_running needs running_mean and running_var")
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        buffer(running_mean, "running_mean")
+        buffer(running_var, "running_var")
+    has_nbt = update and num_batches_tracked is not None
+    return dict(
+        stats_ptr=_nonempty(vector(stats, "stats"), dummy), fold_ptr=_nonempty(vector(fold, "fold"), dummy),
+        gamma_ptr=_nonempty(vector(gamma, "gamma"), dummy), beta_ptr=_nonempty(vector(beta, "beta"), dummy),
+        rmean_ptr=_nonempty(vector(running_mean, "running_mean"), dummy),
+        rvar_ptr=_nonempty(vector(running_var, "running_var"), dummy),
+        nbt_ptr=num_batches_tracked if has_nbt else dummy,
+        eps=float(eps), momentum=0.0 if momentum is None else float(momentum),
+        keep=1.0 if momentum is None else 1.0 - float(momentum),
+        BN=bn, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, UPDATE=update, HAS_NBT=has_nbt,
+        FACTOR_FROM_COUNT=update and momentum is None)
+
+
+def _reduction_space(m: int, cols: int, planes: int, device, dummy):
+    """(workspace, semaphores) for reducing per-row-tile partials of ``cols`` columns in a conv launch."""
+    tiles = max(1, triton.cdiv(m, _MIN_BLOCK_M))
+    groups = triton.cdiv(tiles, GROUP)
+    col_blocks = max(1, triton.cdiv(cols, _MIN_BLOCK_N))
+    ws = torch.empty((tiles + groups) * planes * max(cols, 1), dtype=torch.float32, device=device)
+    return ws, semaphores(device, col_blocks * (groups + 1))
+
+
+def _run_conv(a, weight, out, aux, bn, rows_shape, src_hw, k_ch, n_out, stride, padding, tf32, *,
+              fold_out, ws, sem, red, transposed, has_residual, want_stats, bn_mask, config):
     n, oh, ow = rows_shape
     m = n * oh * ow
-    dummy = out  # stands in for pointer arguments a configuration does not read
+    dummy = sem  # stands in for pointers a configuration does not dereference
     args = dict(
-        a_ptr=a, w_ptr=wp, out_ptr=out, res_ptr=dummy if residual is None else residual,
-        scale_ptr=dummy if scale is None else scale, shift_ptr=dummy if shift is None else shift,
-        mean_ptr=dummy if mean is None else mean, x_ptr=dummy if x is None else x,
-        part_ptr=dummy if partials is None else partials,
+        a_ptr=_nonempty(a, dummy), **dict(zip(("sa_n", "sa_c", "sa_h", "sa_w"), strides4(a))),
+        w_ptr=_nonempty(weight, dummy), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), weight.stride())),
+        out_ptr=_nonempty(out, dummy),
+        aux_ptr=_nonempty(aux, dummy), **dict(zip(("se_n", "se_c", "se_h", "se_w"), strides4(aux))),
+        **{k: v for k, v in bn.items() if k.endswith("_ptr")},
+        fold_out_ptr=_nonempty(fold_out, dummy), ws_ptr=_nonempty(ws, dummy), sem_ptr=sem,
+        red_ptr=_nonempty(red, dummy),
         M=m, N_out=n_out, K_ch=k_ch, SH=src_hw[0], SW=src_hw[1], OH=oh, OW=ow,
-        T=0 if partials is None else partials.shape[1],
-        KH=wp.shape[0], KW=wp.shape[1], STRIDE=stride, PAD=padding, TRANSPOSED=transposed,
-        PREACT=scale is not None and not transposed, BN_MASK=scale is not None and transposed,
-        HAS_RESIDUAL=residual is not None, WANT_STATS=want_stats, PRECISION=dot_precision(a.dtype, tf32),
-        STATS_ROWS=STATS_ROWS)
+        eps=bn["eps"], momentum=bn["momentum"], keep=bn["keep"],
+        KH=weight.shape[2], KW=weight.shape[3], STRIDE=stride, PAD=padding, TRANSPOSED=transposed,
+        BN=bn["BN"], PREACT=bn["BN"] != BN_NONE.value and not transposed, BN_MASK=bn_mask,
+        HAS_GAMMA=bn["HAS_GAMMA"], HAS_BETA=bn["HAS_BETA"], UPDATE=bn["UPDATE"], HAS_NBT=bn["HAS_NBT"],
+        FACTOR_FROM_COUNT=bn["FACTOR_FROM_COUNT"], HAS_RESIDUAL=has_residual, WANT_STATS=want_stats,
+        PRECISION=dot_precision(a.dtype, tf32), GROUP=GROUP)
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"])
+        return max(1, triton.cdiv(m, meta["BLOCK_M"])), max(1, triton.cdiv(n_out, meta["BLOCK_N"]))
 
     _launch(_conv_kernel, _CONV_FIT, grid, args, config)
 
 
-def conv_fwd(x, weight, stride, padding, scale=None, shift=None, residual=None, want_stats=False,
-             tf32=False, config=None):
-    """y = conv2d(P(x), weight) [+ residual] and, if want_stats, the partials of y as stored.
+def conv_fwd(x, weight, stride, padding, stats=None, fold=None, gamma=None, beta=None, running_mean=None,
+             running_var=None, num_batches_tracked=None, eps=1e-5, momentum=0.1, update_running=False,
+             residual=None, want_stats=False, tf32=False, config=None):
+    """(y, stats of y, fold): y = conv2d(P(x), weight) [+ residual], one launch (contract.conv_fwd).
 
-    x: [N, Cin, H, W] any layout; weight: [Cout, Cin, KH, KW]; scale, shift: [Cin] or None;
-    residual: [N, Cout, Ho, Wo] or None. Returns y [N, Cout, Ho, Wo] channels_last in x's dtype and
-    partials [3, cdiv(N*Ho*Wo, STATS_ROWS), Cout] fp32 ([3, 0, Cout] without statistics).
+    x: [N, Cin, H, W] any layout; weight: [Cout, Cin, KH, KW]; residual: [N, Cout, Ho, Wo] any layout
+    and float dtype. Returns y [N, Cout, Ho, Wo] channels_last in x's dtype, the summary [4, Cout]
+    fp32 of y as stored (want_stats; else [0]) and the fold [4, Cin] computed from ``stats`` or the
+    running statistics (else [0]).
     """
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
-    x = nhwc(x)
+    ho, wo = contract.conv_output_size(h, kh, stride, padding), contract.conv_output_size(w, kw, stride, padding)
+    m = n * ho * wo
+    device = x.device
     y = empty_nhwc(n, cout, ho, wo, x)
-    tiles = triton.cdiv(n * ho * wo, STATS_ROWS) if want_stats else 0
-    partials = torch.empty((3, tiles, cout), dtype=torch.float32, device=x.device)
-    _run_conv(x, pack_weight(weight, x.dtype), y, (n, ho, wo), (h, w), cin, cout, stride, padding, tf32,
-              scale=vector(scale), shift=vector(shift),
-              residual=None if residual is None else nhwc(residual.to(x.dtype)),
-              partials=partials if want_stats else None, want_stats=want_stats, config=config)
-    return y, partials
+    ws, sem = _reduction_space(m, cout, 4, device, None) if want_stats else (None, semaphores(device, 1))
+    bn = bn_args(stats, fold, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
+                 update_running, sem)
+    folds = bn["BN"] in (BN_STATS.value, BN_RUNNING.value)
+    fold_out = torch.empty((4, cin) if folds else (0,), dtype=torch.float32, device=device)
+    red = torch.empty((4, cout) if want_stats else (0,), dtype=torch.float32, device=device)
+    _run_conv(x, weight, y, residual, bn, (n, ho, wo), (h, w), cin, cout, stride, padding, tf32,
+              fold_out=fold_out, ws=ws, sem=sem, red=red, transposed=False, has_residual=residual is not None,
+              want_stats=bool(want_stats), bn_mask=False, config=config)
+    return y, red, fold_out
 
 
-def conv_dgrad(dy, weight, x, stride, padding, scale=None, shift=None, mean=None, tf32=False, config=None):
-    """Gradient through the conv with dgrad's BN epilogue (see reference.conv_dgrad).
+def conv_dgrad(dy, weight, x, stride, padding, fold=None, tf32=False, config=None):
+    """(g, sums): the gradient through the conv with dgrad's BN epilogue, one launch (contract.conv_dgrad).
 
     dy: [N, Cout, Ho, Wo]; weight: [Cout, Cin, KH, KW]; x: [N, Cin, H, W] (pre-BN input; fixes H, W).
-    Returns g [N, Cin, H, W] channels_last in dy's dtype and sums [2, Cin] fp32 (sum_g, sum_gx; zeros
-    for the identity loader, where g is the plain input gradient).
+    Returns g [N, Cin, H, W] channels_last in dy's dtype and sums [3, Cin] fp32 (sum_g, sum_gx,
+    dgamma) with ``fold``; without it the plain input gradient and [0].
     """
     n, cin, h, w = x.shape
     cout = weight.shape[0]
-    dy = nhwc(dy)
+    device = dy.device
     g = empty_nhwc(n, cin, h, w, dy)
-    with_bn = scale is not None
-    tiles = triton.cdiv(n * h * w, STATS_ROWS) if with_bn else 0
-    partials = torch.empty((2, tiles, cin), dtype=torch.float32, device=dy.device)
-    _run_conv(dy, pack_weight(weight, dy.dtype), g, (n, h, w), (dy.shape[2], dy.shape[3]), cout, cin,
-              stride, padding, tf32, scale=vector(scale), shift=vector(shift), mean=vector(mean),
-              x=nhwc(x) if with_bn else None, partials=partials if with_bn else None, transposed=True,
-              config=config)
-    return g, partials.sum(1)
+    with_bn = fold is not None
+    m = n * h * w
+    ws, sem = _reduction_space(m, cin, 2, device, None) if with_bn else (None, semaphores(device, 1))
+    bn = bn_args(None, fold, None, None, None, None, None, 0.0, 0.0, False, sem)
+    sums = torch.empty((3, cin) if with_bn else (0,), dtype=torch.float32, device=device)
+    _run_conv(dy, weight, g, x if with_bn else None, bn, (n, h, w), (dy.shape[2], dy.shape[3]), cout, cin,
+              stride, padding, tf32, fold_out=None, ws=ws, sem=sem, red=sums, transposed=True,
+              has_residual=False, want_stats=False, bn_mask=with_bn, config=config)
+    return g, sums
 
 
-def _wgrad_chunk(pixels: int) -> int:
-    """Output pixels per wgrad split: enough splits to fill the GPU, few enough to keep them long."""
+def _wgrad_split(pixels: int, tiles: int, device) -> tuple[int, int]:
+    """(pixels per split, splits): about two waves of the GPU's multiprocessors over the output
+    tiles, splits of at least 512 pixels (3 splits under the interpreter, to exercise the reduction)."""
     if INTERPRET:
-        return 64
-    return triton.cdiv(max(512, triton.cdiv(pixels, 128)), 128) * 128
+        chunk = max(32, triton.cdiv(triton.cdiv(pixels, 3), 32) * 32)
+    else:
+        splits = max(1, min(round(2 * sm_count(device) / max(tiles, 1)), triton.cdiv(pixels, 512)))
+        chunk = triton.cdiv(triton.cdiv(max(pixels, 1), splits), 128) * 128
+    return chunk, max(1, triton.cdiv(pixels, chunk))
 
 
-def conv_wgrad(x, dy, weight_shape, stride, padding, scale=None, shift=None, tf32=False, config=None):
-    """dW [Cout, Cin, KH, KW] fp32 = sum over output pixels of P(x) (x) dy (see reference.conv_wgrad).
+def _fitted_block(channels: int) -> int:
+    """The wgrad channel block the prune rule picks for ``channels`` (its largest listed block at most)."""
+    return min(max(16, triton.next_power_of_2(max(channels, 1))), max(c.kwargs["BLOCK_M"] for c in WGRAD_CONFIGS))
 
-    x: [N, Cin, H, W] (pre-BN input); dy: [N, Cout, Ho, Wo]; scale, shift: [Cin] or None.
+
+def conv_wgrad(x, dy, weight_shape, stride, padding, fold=None, tf32=False, config=None):
+    """dW [Cout, Cin, KH, KW] fp32 = sum over output pixels of P(x) (x) dy, one launch (contract.conv_wgrad).
+
+    x: [N, Cin, H, W] (pre-BN input); dy: [N, Cout, Ho, Wo]; fold: [4, Cin] or None.
     """
-    cout, cin, kh, kw = weight_shape
+    cout, cin, kh, kw = (int(v) for v in weight_shape)
     n, _, h, w = x.shape
     ho, wo = dy.shape[2], dy.shape[3]
-    x = nhwc(x)
-    dy = nhwc(dy.to(x.dtype))
+    device = x.device
     pixels = n * ho * wo
-    chunk = _wgrad_chunk(pixels)
-    splits = max(1, triton.cdiv(pixels, chunk))
-    partials = torch.empty((splits, cout, cin, kh, kw), dtype=torch.float32, device=x.device)
-    scale, shift = vector(scale), vector(shift)
-    args = dict(x_ptr=x, dy_ptr=dy, scale_ptr=partials if scale is None else scale,
-                shift_ptr=partials if shift is None else shift, part_ptr=partials,
-                P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo, CHUNK=chunk,
-                KH=kh, KW=kw, STRIDE=stride, PAD=padding, PREACT=scale is not None,
+    tiles = kh * kw * triton.cdiv(cin, _fitted_block(cin)) * triton.cdiv(cout, _fitted_block(cout))
+    chunk, splits = _wgrad_split(pixels, tiles, device)
+    dw = torch.empty((cout, cin, kh, kw), dtype=torch.float32, device=device)
+    partials = torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device)
+    max_tiles = kh * kw * max(1, triton.cdiv(cin, 16)) * max(1, triton.cdiv(cout, 16))
+    sem = semaphores(device, max_tiles)
+    args = dict(x_ptr=_nonempty(x, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
+                dy_ptr=_nonempty(dy, sem), **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
+                fold_ptr=_nonempty(vector(fold, "fold"), sem), part_ptr=_nonempty(partials, sem), sem_ptr=sem,
+                dw_ptr=_nonempty(dw, sem), P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
+                CHUNK=chunk, SPLITS=splits, KH=kh, KW=kw, STRIDE=stride, PAD=padding, PREACT=fold is not None,
                 PRECISION=dot_precision(x.dtype, tf32))
 
     def grid(meta):
-        return kh * kw * triton.cdiv(cin, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]), splits
+        return (max(1, kh * kw * triton.cdiv(cin, meta["BLOCK_M"])), max(1, triton.cdiv(cout, meta["BLOCK_N"])),
+                splits)
 
     _launch(_wgrad_kernel, _WGRAD_FIT, grid, args, config)
-    return partials.sum(0)
+    return dw

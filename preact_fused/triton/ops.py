@@ -1,31 +1,35 @@
-"""The Triton kernels as torch.library ops (namespace ``preact_fused_triton``) and the six contracts.
+"""The Triton kernels as the contract's torch.library ops (namespace ``preact_fused_triton``) and the
+contract's Python functions.
 
-Each kernel family is one custom op with a fake (meta) implementation, so ``torch.compile`` traces
-through the fused modules without graph breaks and the ops can be captured in CUDA graphs: outputs
-are allocated inside the ops, no op reads a value back to the host. Ops always return channels_last
-activations (the fake implementations say so); the contract functions below then give an output the
-memory format of its activation input, exactly as ``preact_fused.reference`` does.
+The ops have exactly the schemas of ``contract.SCHEMAS`` (defined through ``contract.define``) and
+the contract's fake implementations, so ``torch.compile`` traces through the fused modules without
+graph breaks and CUDA graphs capture them: outputs are allocated inside the ops and no op reads a
+value back to the host. Each op is ONE kernel launch and no other GPU work: inputs are read in place
+through their strides and dtypes (no copy, no cast, no weight packing), reductions happen inside the
+launch (no partials summed afterwards, no memset: the semaphores reset themselves). Ops return
+channels_last activations; the Python functions below give an activation output the memory format
+of its activation input (contract.keep_format) and None for an output the op did not produce.
 
 fp32 precision: exact fp32 dot products by default. TF32 tensor cores are used for fp32 when
-``set_fp32_precision("tf32")`` was called or the environment variable ``PREACT_FUSED_TF32=1`` is set
-(the contract checks then allow 2e-3 instead of 1e-4). bf16/fp16 always use tensor cores with fp32
-accumulation.
+``set_fp32_precision("tf32")`` was called or the environment variable ``PREACT_FUSED_TF32=1`` is set;
+the setting is read by the op implementations, it is not an op argument. bf16/fp16 always use
+tensor cores with fp32 accumulation.
 """
+from __future__ import annotations
+
 import os
-from typing import Optional, Sequence
 
 import torch
-import triton
-from torch import Tensor
 
+from .. import contract
 from . import bn_grad as _bn_grad
 from . import conv as _conv
 from . import stats as _stats
-from .common import STATS_ROWS, check_activation, empty_nhwc, on_device_of
+from .common import check_activation, on_device_of
 
-__all__ = ["conv_fwd", "bn_stats", "bn_finalize", "conv_dgrad", "conv_wgrad", "bn_backward",
-           "set_fp32_precision", "fp32_precision"]
+__all__ = [*contract.OPS, "set_fp32_precision", "fp32_precision"]
 
+NAMESPACE = "preact_fused_triton"
 _FP32_PRECISIONS = ("ieee", "tf32")
 _fp32_precision = "tf32" if os.environ.get("PREACT_FUSED_TF32") == "1" else "ieee"
 
@@ -43,155 +47,103 @@ def fp32_precision() -> str:
     return _fp32_precision
 
 
-def _out_hw(x: Tensor, weight: Tensor, stride: int, padding: int):
-    kh, kw = weight.shape[2], weight.shape[3]
-    return (x.shape[2] + 2 * padding - kh) // stride + 1, (x.shape[3] + 2 * padding - kw) // stride + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops
-
-
-@torch.library.custom_op("preact_fused_triton::conv_fwd", mutates_args=())
-def _conv_fwd_op(x: Tensor, weight: Tensor, stride: int, padding: int, scale: Optional[Tensor],
-                 shift: Optional[Tensor], residual: Optional[Tensor], want_stats: bool,
-                 tf32: bool) -> tuple[Tensor, Tensor]:
-    with on_device_of(x):
-        return _conv.conv_fwd(x, weight, stride, padding, scale, shift, residual, want_stats, tf32)
-
-
-@_conv_fwd_op.register_fake
-def _(x, weight, stride, padding, scale, shift, residual, want_stats, tf32):
-    ho, wo = _out_hw(x, weight, stride, padding)
-    cout = weight.shape[0]
-    tiles = triton.cdiv(x.shape[0] * ho * wo, STATS_ROWS) if want_stats else 0
-    return (empty_nhwc(x.shape[0], cout, ho, wo, x),
-            x.new_empty((3, tiles, cout), dtype=torch.float32))
-
-
-@torch.library.custom_op("preact_fused_triton::bn_stats", mutates_args=())
-def _bn_stats_op(x: Tensor) -> Tensor:
-    with on_device_of(x):
-        return _stats.bn_stats(x)
-
-
-@_bn_stats_op.register_fake
-def _(x):
-    n, c, h, w = x.shape
-    return x.new_empty((3, triton.cdiv(n * h * w, _stats.TILE_ROWS), c), dtype=torch.float32)
-
-
-@torch.library.custom_op("preact_fused_triton::bn_finalize", mutates_args=("running_mean", "running_var"))
-def _bn_finalize_op(partials: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: Optional[float],
-                    num_batches_tracked: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    with on_device_of(partials):
-        return _stats.bn_finalize(partials, weight, bias, eps, running_mean, running_var, momentum,
-                                  num_batches_tracked)
-
-
-@_bn_finalize_op.register_fake
-def _(partials, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked):
-    return tuple(partials.new_empty((partials.shape[2],), dtype=torch.float32) for _ in range(4))
-
-
-@torch.library.custom_op("preact_fused_triton::conv_dgrad", mutates_args=())
-def _conv_dgrad_op(dy: Tensor, weight: Tensor, x: Tensor, stride: int, padding: int, scale: Optional[Tensor],
-                   shift: Optional[Tensor], mean: Optional[Tensor], tf32: bool) -> tuple[Tensor, Tensor]:
-    with on_device_of(dy):
-        return _conv.conv_dgrad(dy, weight, x, stride, padding, scale, shift, mean, tf32)
-
-
-@_conv_dgrad_op.register_fake
-def _(dy, weight, x, stride, padding, scale, shift, mean, tf32):
-    n, cin, h, w = x.shape
-    return empty_nhwc(n, cin, h, w, dy), dy.new_empty((2, cin), dtype=torch.float32)
-
-
-@torch.library.custom_op("preact_fused_triton::conv_wgrad", mutates_args=())
-def _conv_wgrad_op(x: Tensor, dy: Tensor, weight_shape: Sequence[int], stride: int, padding: int,
-                   scale: Optional[Tensor], shift: Optional[Tensor], tf32: bool) -> Tensor:
-    with on_device_of(x):
-        return _conv.conv_wgrad(x, dy, tuple(weight_shape), stride, padding, scale, shift, tf32)
-
-
-@_conv_wgrad_op.register_fake
-def _(x, dy, weight_shape, stride, padding, scale, shift, tf32):
-    return x.new_empty(tuple(weight_shape), dtype=torch.float32)
-
-
-@torch.library.custom_op("preact_fused_triton::bn_backward", mutates_args=())
-def _bn_backward_op(g: Tensor, x: Tensor, mean: Optional[Tensor], invstd: Optional[Tensor], scale: Tensor,
-                    sum_g: Optional[Tensor], sum_gx: Optional[Tensor], training: bool,
-                    d_residual: Optional[Tensor]) -> Tensor:
-    with on_device_of(x):
-        return _bn_grad.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, training, d_residual)
-
-
-@_bn_backward_op.register_fake
-def _(g, x, mean, invstd, scale, sum_g, sum_gx, training, d_residual):
-    n, c, h, w = x.shape
-    return empty_nhwc(n, c, h, w, x)
-
-
-# ---------------------------------------------------------------------------------------------
-# The six contracts (signatures and meaning of preact_fused.reference)
-
-
-def _keep_format(out: Tensor, like: Tensor) -> Tensor:
-    """out (channels_last) in like's memory format: channels_last stays, anything else becomes NCHW."""
-    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
-        return out
-    return out.contiguous()
-
-
 def _tf32() -> bool:
     return _fp32_precision == "tf32"
 
 
-def conv_fwd(x, weight, stride: int, padding: int, scale=None, shift=None, residual=None,
-             want_stats: bool = False):
-    """y = conv2d(P(x), weight) [+ residual]; optionally the statistics partials of y as stored.
+# ---------------------------------------------------------------------------------------------
+# Op implementations (schema order; what torch.ops.preact_fused_triton.<name> runs)
 
-    x: [N, Cin, H, W]; weight: [Cout, Cin, KH, KW]; scale, shift: [Cin] fp32 or None;
-    residual: [N, Cout, Ho, Wo] or None. Returns (y [N, Cout, Ho, Wo] in x's dtype and format,
-    partials [3, cdiv(N*Ho*Wo, STATS_ROWS), Cout] fp32 or None).
-    """
+
+def _conv_fwd_impl(x, weight, stride, padding, stats, fold, gamma, beta, running_mean, running_var,
+                   num_batches_tracked, eps, momentum, update_running, residual, want_stats):
     check_activation(x, "x")
-    y, partials = _conv_fwd_op(x, weight, stride, padding, scale, shift, residual, want_stats, _tf32())
-    return _keep_format(y, x), (partials if want_stats else None)
+    with on_device_of(x):
+        return _conv.conv_fwd(x, weight, stride, padding, stats, fold, gamma, beta, running_mean, running_var,
+                              num_batches_tracked, eps, momentum, update_running, residual, want_stats, _tf32())
+
+
+def _bn_stats_impl(x):
+    check_activation(x, "x")
+    with on_device_of(x):
+        return _stats.bn_stats(x)
+
+
+def _bn_fold_impl(stats, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
+                  update_running):
+    ref = stats if stats is not None else running_mean
+    with on_device_of(ref):
+        return _stats.bn_fold(stats, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
+                              update_running)
+
+
+def _conv_dgrad_impl(dy, weight, x, stride, padding, fold):
+    check_activation(dy, "dy")
+    with on_device_of(dy):
+        return _conv.conv_dgrad(dy, weight, x, stride, padding, fold, _tf32())
+
+
+def _conv_wgrad_impl(x, dy, weight_shape, stride, padding, fold):
+    check_activation(x, "x")
+    with on_device_of(x):
+        return _conv.conv_wgrad(x, dy, weight_shape, stride, padding, fold, _tf32())
+
+
+def _bn_backward_impl(g, x, fold, sums, count, training, d_residual):
+    check_activation(x, "x")
+    with on_device_of(x):
+        return _bn_grad.bn_backward(g, x, fold, sums, count, training, d_residual)
+
+
+IMPLS = {"conv_fwd": _conv_fwd_impl, "bn_stats": _bn_stats_impl, "bn_fold": _bn_fold_impl,
+         "conv_dgrad": _conv_dgrad_impl, "conv_wgrad": _conv_wgrad_impl, "bn_backward": _bn_backward_impl}
+contract.define(NAMESPACE, IMPLS)
+_ops = getattr(torch.ops, NAMESPACE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract's Python functions (arguments and defaults of preact_fused.reference)
+
+
+def conv_fwd(x, weight, stride: int, padding: int, stats=None, fold=None, gamma=None, beta=None,
+             running_mean=None, running_var=None, num_batches_tracked=None, eps: float = 1e-5,
+             momentum: float | None = 0.1, update_running: bool = False, residual=None, want_stats: bool = False):
+    """(y, stats of y or None, fold computed here or None): y = conv2d(P(x), weight) [+ residual]."""
+    check_activation(x, "x")
+    y, y_stats, new_fold = _ops.conv_fwd(x, weight, stride, padding, stats, fold, gamma, beta, running_mean,
+                                         running_var, num_batches_tracked, eps, momentum, update_running,
+                                         residual, want_stats)
+    return contract.keep_format(y, x), contract.optional(y_stats), contract.optional(new_fold)
 
 
 def bn_stats(x):
-    """Statistics partials [3, T, C] fp32 of x [N, C, H, W] (T = cdiv(N*H*W, stats.TILE_ROWS))."""
+    """The summary [4, C] of x [N, C, H, W] (count, pivot, offset, M2)."""
     check_activation(x, "x")
-    return _bn_stats_op(x)
+    return _ops.bn_stats(x)
 
 
-def bn_finalize(partials, weight, bias, eps: float, running_mean=None, running_var=None,
-                momentum: float | None = 0.1, num_batches_tracked=None):
-    """Merge partials [3, T, C] -> (mean, invstd, scale, shift) [C] fp32; running stats updated in place."""
-    return _bn_finalize_op(partials, weight, bias, eps, running_mean, running_var, momentum, num_batches_tracked)
+def bn_fold(stats=None, gamma=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None,
+            eps: float = 1e-5, momentum: float | None = 0.1, update_running: bool = False):
+    """The fold [4, C] of ``stats`` (updating the running statistics when asked) or of the running ones."""
+    return _ops.bn_fold(stats, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
+                        update_running)
 
 
-def conv_dgrad(dy, weight, x, stride: int, padding: int, scale=None, shift=None, mean=None):
-    """(g [N, Cin, H, W], sum_g [Cin], sum_gx [Cin]) with the BN mask, or (dx, None, None) without BN."""
+def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
+    """(g, sums [3, Cin]) with ``fold``, else (dx, None): the gradient through the convolution."""
     check_activation(dy, "dy")
-    g, sums = _conv_dgrad_op(dy, weight, x, stride, padding, scale, shift, mean, _tf32())
-    g = _keep_format(g, dy)
-    if scale is None:
-        return g, None, None
-    return g, sums[0], sums[1]
+    g, sums = _ops.conv_dgrad(dy, weight, x, stride, padding, fold)
+    return contract.keep_format(g, dy), contract.optional(sums)
 
 
-def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, scale=None, shift=None):
+def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, fold=None):
     """dW [Cout, Cin, KH, KW] fp32 = sum over output positions of P(x) (x) dy."""
     check_activation(x, "x")
-    return _conv_wgrad_op(x, dy, list(weight_shape), stride, padding, scale, shift, _tf32())
+    return _ops.conv_wgrad(x, dy, [int(v) for v in weight_shape], stride, padding, fold)
 
 
-def bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, training: bool = True, d_residual=None):
-    """dx = A*g + B*x + C [+ d_residual] in x's dtype and format (see reference.bn_backward)."""
+def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):
+    """dx = scale g + B x + C [+ d_residual] in x's dtype and format."""
     check_activation(x, "x")
-    dx = _bn_backward_op(g, x, mean, invstd, scale, sum_g, sum_gx, training, d_residual)
-    return _keep_format(dx, x)
+    dx = _ops.bn_backward(g, x, fold, sums, float(count), training, d_residual)
+    return contract.keep_format(dx, x)

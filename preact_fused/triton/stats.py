@@ -1,9 +1,10 @@
-"""BatchNorm statistics: per-tile partials of a tensor (``bn_stats``) and their merge (``bn_finalize``).
+"""BatchNorm statistics: the summary of a tensor (``bn_stats``) and the fold (``bn_fold``), one launch each.
 
-Partials are (count, mean, M2) per channel and row tile, fp32, merged with Chan's formula: two
-passes in registers inside a tile, Chan merges across tiles. Nothing forms E[x^2] - E[x]^2, so the
-variance stays accurate when |mean| is orders of magnitude above the standard deviation.
-``bn_finalize`` is one small launch that also updates the running statistics on the device
+``bn_stats`` summarises tiles of rows (count, pivot = the tile's first row, offset, M2; two passes in
+registers) and merges them inside the launch with the fixed-order tree of common.reduce_tiles
+(contract.merge_summaries' formula): the variance stays accurate when |mean| is orders of magnitude
+above the standard deviation, and no float atomics make it nondeterministic. ``bn_fold`` is one
+small program: the fold of a summary or of the running statistics, and the running-statistic update
 (momentum, or 1/num_batches_tracked read from its tensor when momentum is None): no host sync.
 """
 from __future__ import annotations
@@ -12,131 +13,86 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, chan_merge, empty_summary, moments, nhwc
+from .common import GROUP, INTERPRET, KIND_SUMMARY, reduce_tiles, semaphores, strides4, tile_summary, write_fold
 
-# bn_stats: rows per partial (one program each), rows loaded at a time, channels per program.
-TILE_ROWS, _STATS_BLOCK_R, _STATS_BLOCK_C = (32, 16, 16) if INTERPRET else (1024, 64, 64)
-# bn_finalize: partial tiles merged at a time, channels per program, warps. A program reads every
-# tile of its channels (thousands for a large batch): few channels and many tiles per step keep
-# more programs and more loads in flight than the transposed choice.
-_FINAL_BLOCK_T, _FINAL_BLOCK_C, _FINAL_WARPS = (16, 16, 4) if INTERPRET else (256, 16, 8)
+# bn_stats: rows and channels per program (the whole tile is summarised in registers), warps.
+_STATS_BLOCK_R, _STATS_BLOCK_C, _STATS_WARPS = (16, 16, 4) if INTERPRET else (256, 32, 4)
+# bn_fold: channels per step of its single program.
+_FOLD_BLOCK = 16 if INTERPRET else 256
 
 
 @triton.jit
 def _bn_stats_kernel(
-    x_ptr,     # NHWC [M, C] (a channels_last [N, C, H, W] tensor, M = N*H*W)
-    part_ptr,  # fp32 [3, T, C]: count, mean, M2 of rows [t * TILE_ROWS, (t + 1) * TILE_ROWS)
-    M, C, T,
-    TILE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, sx_n, sx_c, sx_h, sx_w,  # [N, C, H, W] (strided), M = N*H*W rows
+    ws_ptr,                         # fp32 workspace [T + groups, 4, C]
+    sem_ptr,                        # zero int32 semaphores (left zero)
+    out_ptr,                        # fp32 [4, C] summary
+    M, C, H, W,
+    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     t = tl.program_id(0)
+    rows = t.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    n = rows // (H * W)
+    rem = rows - n * (H * W)
+    off = n * sx_n + (rem // W) * sx_h + (rem % W) * sx_w
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    count, mean, m2 = empty_summary(BLOCK_C)
-    for r0 in range(0, TILE_ROWS, BLOCK_R):
-        rows = t.to(tl.int64) * TILE_ROWS + r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < M
-        v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        valid = tl.broadcast_to(row_ok[:, None], (BLOCK_R, BLOCK_C))
-        n_b, mean_b, m2_b = moments(v.to(tl.float32), valid, 0)
-        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    out = part_ptr + t.to(tl.int64) * C + cols
-    tl.store(out, count, mask=col_ok)
-    tl.store(out + T * C, mean, mask=col_ok)
-    tl.store(out + 2 * T * C, m2, mask=col_ok)
+    v = tl.load(x_ptr + off[:, None] + cols.to(tl.int64)[None, :] * sx_c, mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    count = tl.minimum(M - t.to(tl.int64) * BLOCK_R, BLOCK_R)
+    c, p, d, m2 = tile_summary(v, row_ok[:, None], count)
+    tiles = tl.maximum(tl.cdiv(M, BLOCK_R), 1)
+    sem_base = tl.program_id(1) * (tl.cdiv(tiles, GROUP) + 1)
+    reduce_tiles(c, p, d, m2, t, tiles, cols, C, ws_ptr, sem_ptr, sem_base, out_ptr, c, KIND_SUMMARY, GROUP)
 
 
 @triton.jit
-def _bn_finalize_kernel(
-    part_ptr,     # fp32 [3, T, C] partials (count, mean, M2)
-    weight_ptr,   # [C] gamma, any float dtype (HAS_WEIGHT)
-    bias_ptr,     # [C] beta (HAS_BIAS)
-    rmean_ptr,    # [C] running mean, updated in place (UPDATE_RUNNING)
-    rvar_ptr,     # [C] running variance, updated in place (UPDATE_RUNNING)
-    nbt_ptr,      # [] int64 num_batches_tracked, already incremented (FACTOR_FROM_COUNT)
-    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # [C] fp32 outputs
-    T, C, eps, momentum,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    FACTOR_FROM_COUNT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+def _bn_fold_kernel(
+    fold_ptr,                   # fp32 [4, C] output
+    stats_ptr,                  # [4, C] summary (BN_STATS)
+    gamma_ptr, beta_ptr,        # [C] affine (HAS_GAMMA, HAS_BETA)
+    rmean_ptr, rvar_ptr,        # [C] running statistics: read (BN_RUNNING) or updated (UPDATE)
+    nbt_ptr,                    # [] int64 num_batches_tracked (HAS_NBT)
+    C, eps, momentum, keep,
+    BN: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, UPDATE: tl.constexpr,
+    HAS_NBT: tl.constexpr, FACTOR_FROM_COUNT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    count, mean, m2 = empty_summary(BLOCK_C)
-    for t0 in range(0, T, BLOCK_T):
-        tiles = t0 + tl.arange(0, BLOCK_T)
-        ok = (tiles[:, None] < T) & col_ok[None, :]
-        offs = tiles.to(tl.int64)[:, None] * C + cols[None, :]
-        n_t = tl.load(part_ptr + offs, mask=ok, other=0.0)
-        mean_t = tl.load(part_ptr + T * C + offs, mask=ok, other=0.0)
-        m2_t = tl.load(part_ptr + 2 * T * C + offs, mask=ok, other=0.0)
-        # Chan's formula for BLOCK_T summaries at once, then merged into the running summary.
-        n_b = tl.sum(n_t, axis=0)
-        mean_b = tl.sum(n_t * mean_t, axis=0) / tl.maximum(n_b, 1.0)
-        d = mean_t - mean_b[None, :]
-        m2_b = tl.sum(m2_t + n_t * d * d, axis=0)
-        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
-    var = m2 / tl.maximum(count, 1.0)
-    invstd = 1.0 / tl.sqrt_rn(var + eps)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = tl.load(weight_ptr + cols, mask=col_ok, other=1.0).to(tl.float32) * invstd
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
-    tl.store(mean_ptr + cols, mean, mask=col_ok)
-    tl.store(invstd_ptr + cols, invstd, mask=col_ok)
-    tl.store(scale_ptr + cols, scale, mask=col_ok)
-    tl.store(shift_ptr + cols, shift, mask=col_ok)
-    if UPDATE_RUNNING:
-        if FACTOR_FROM_COUNT:
-            factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
-        else:
-            factor = momentum
-        unbiased = var * count / tl.maximum(count - 1.0, 1.0)
-        rmean = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0)
-        rvar = tl.load(rvar_ptr + cols, mask=col_ok, other=0.0)
-        new_mean = rmean.to(tl.float32) * (1.0 - factor) + mean * factor
-        new_var = rvar.to(tl.float32) * (1.0 - factor) + unbiased * factor
-        tl.store(rmean_ptr + cols, new_mean.to(rmean.dtype), mask=col_ok)
-        tl.store(rvar_ptr + cols, new_var.to(rvar.dtype), mask=col_ok)
+    write_fold(fold_ptr, C, stats_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, eps, momentum, keep,
+               BN, HAS_GAMMA, HAS_BETA, UPDATE, HAS_NBT, FACTOR_FROM_COUNT, BLOCK)
 
 
 def bn_stats(x: torch.Tensor) -> torch.Tensor:
-    """Partials [3, cdiv(N*H*W, TILE_ROWS), C] fp32 of x [N, C, H, W] (any layout)."""
+    """The summary [4, C] fp32 (count, pivot, offset, M2) of x [N, C, H, W] (any layout), one launch."""
     n, c, h, w = x.shape
-    x = nhwc(x)
     rows = n * h * w
-    tiles = triton.cdiv(rows, TILE_ROWS)
-    partials = torch.empty((3, tiles, c), dtype=torch.float32, device=x.device)
-    grid = (tiles, triton.cdiv(c, _STATS_BLOCK_C))
-    _bn_stats_kernel[grid](x, partials, rows, c, tiles, TILE_ROWS=TILE_ROWS, BLOCK_R=_STATS_BLOCK_R,
-                           BLOCK_C=_STATS_BLOCK_C)
-    return partials
+    tiles = max(1, triton.cdiv(rows, _STATS_BLOCK_R))
+    groups = triton.cdiv(tiles, GROUP)
+    col_blocks = max(1, triton.cdiv(c, _STATS_BLOCK_C))
+    out = torch.empty((4, c), dtype=torch.float32, device=x.device)
+    ws = torch.empty((tiles + groups) * 4 * max(c, 1), dtype=torch.float32, device=x.device)
+    sem = semaphores(x.device, col_blocks * (groups + 1))
+    sx = strides4(x)
+    _bn_stats_kernel[(tiles, col_blocks)](
+        x_ptr=x if x.numel() else sem, sx_n=sx[0], sx_c=sx[1], sx_h=sx[2], sx_w=sx[3], ws_ptr=ws, sem_ptr=sem,
+        out_ptr=out if out.numel() else sem, M=rows, C=c, H=h, W=w, GROUP=GROUP, BLOCK_R=_STATS_BLOCK_R,
+        BLOCK_C=_STATS_BLOCK_C, num_warps=_STATS_WARPS)
+    return out
 
 
-def bn_finalize(partials, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1,
-                num_batches_tracked=None):
-    """(mean, invstd, scale, shift), each [C] fp32, from partials [3, T, C]; running stats updated in place.
+def bn_fold(stats, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum, update_running):
+    """The fold [4, C] fp32 of ``stats`` [4, C] (with update_running: the running statistics updated
+    in place) or, stats None, of running_mean / running_var. One launch (contract.bn_fold)."""
+    from .conv import bn_args
 
-    weight, bias: [C] or None; running_mean, running_var: [C] contiguous buffers or None (no update);
-    momentum None: the factor is 1/num_batches_tracked (a 0-dim integer tensor, read on the device).
-    """
-    partials = partials.to(torch.float32).contiguous()
-    c = partials.shape[2]
-    mean, invstd, scale, shift = (torch.empty(c, dtype=torch.float32, device=partials.device) for _ in range(4))
-    update = running_mean is not None
-    from_count = update and momentum is None
-    if update and not (running_mean.is_contiguous() and running_var.is_contiguous()):
-        raise ValueError("bn_finalize updates running_mean/running_var in place: they must be contiguous")
-    if from_count and num_batches_tracked is None:
-        raise ValueError("bn_finalize with momentum=None needs num_batches_tracked")
-    dummy = mean  # stands in for pointer arguments that are not read
-    grid = (triton.cdiv(c, _FINAL_BLOCK_C),)
-    _bn_finalize_kernel[grid](
-        partials, dummy if weight is None else weight.contiguous(), dummy if bias is None else bias.contiguous(),
-        running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if from_count else dummy, mean, invstd, scale, shift,
-        partials.shape[1], c, float(eps), 0.0 if momentum is None else float(momentum),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
-        FACTOR_FROM_COUNT=from_count, BLOCK_T=_FINAL_BLOCK_T, BLOCK_C=_FINAL_BLOCK_C, num_warps=_FINAL_WARPS)
-    return mean, invstd, scale, shift
+    if stats is None and running_mean is None:
+        raise ValueError("bn_fold needs stats or running statistics")
+    ref = stats if stats is not None else running_mean
+    c = stats.shape[1] if stats is not None else running_mean.shape[0]
+    out = torch.empty((4, c), dtype=torch.float32, device=ref.device)
+    sem = semaphores(ref.device, 1)
+    bn = bn_args(stats, None, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
+                 update_running, sem)
+    _bn_fold_kernel[(1,)](fold_ptr=out if out.numel() else sem, **{k: v for k, v in bn.items() if k != "fold_ptr"},
+                          C=c, BLOCK=_FOLD_BLOCK, num_warps=4)
+    return out
