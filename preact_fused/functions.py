@@ -50,7 +50,8 @@ def _once_differentiable(backward):
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return outputs
-        present = [o for o in outputs if isinstance(o, torch.Tensor)]
+        # create_graph=True: each gradient becomes the output of a node that raises when reached.
+        present = [o.detach().requires_grad_() for o in outputs if isinstance(o, torch.Tensor)]
         if not present:
             return outputs
         flagged = iter(torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), len(present))(*present))

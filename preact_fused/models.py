@@ -63,7 +63,7 @@ class PreActResNet(nn.Module):
     def forward(self, x):
         if self.fused and x.numel() > 0:
             ops = resolve(self.backend, x.device)
-            h, stats = self.stem.fused(x, ops)
+            h, stats = self.stem.fused_forward(x, ops)
             for block in self.blocks:
                 h, stats = block.forward_with_stats(h, stats)
             # The head BN-ReLU feeds a pooling, not a conv: folded like the others, saving h alone.
@@ -79,7 +79,7 @@ class _CifarStem(nn.Conv2d):
     def __init__(self, out_channels):
         super().__init__(3, out_channels, 3, padding=1, bias=False)
 
-    def fused(self, x, ops):
+    def fused_forward(self, x, ops):
         """(y, summary of y): the stem conv emitting the statistics of its output."""
         y, stats, _, _ = run_chain(Chain(((None, self),)), x, None, ops, want_stats=True)
         return y, stats
@@ -96,7 +96,7 @@ class _ImageNetStem(nn.Module):
     def forward(self, x):
         return F.max_pool2d(self.conv(x), 3, stride=2, padding=1)
 
-    def fused(self, x, ops):
+    def fused_forward(self, x, ops):
         """(pooled map, None): the first unit's BN reads the pooled map itself."""
         y = run_chain(Chain(((None, self.conv),)), x, None, ops)[0]
         return F.max_pool2d(y, 3, stride=2, padding=1), None

@@ -1,4 +1,4 @@
-"""Every contract of the reference backend against autograd of plain torch ops, in float64.
+"""The reference backend's ops composed as the fused unit composes them, against autograd, in float64.
 
 Odd shapes: C in {3, 17}, H=W in {7, 9}, stride 1 and 2, batch 1 and 2, 1x1 and 3x3 kernels.
 Tolerance: 1e-10 relative to the largest magnitude (float64 against float64).
@@ -45,8 +45,14 @@ def random_case(n, cin, cout, hw, k, stride, seed=0):
     return x, w, gamma, beta, residual, dy
 
 
+def fold(x, gamma, beta):
+    return reference.bn_fold(reference.bn_stats(x), gamma, beta, eps=1e-5)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_forward_stats_and_backward_match_autograd(case):
+def test_triple_composed_from_the_ops_matches_autograd(case):
+    """conv_fwd (folding the statistics), conv_dgrad, bn_backward (residual gradient added) and
+    conv_wgrad composed as the fused unit composes them, against autograd of the eager triple."""
     n, cin, cout, hw, k, stride = case
     pad = k // 2
     x, w, gamma, beta, residual, dy = random_case(*case)
@@ -55,24 +61,20 @@ def test_forward_stats_and_backward_match_autograd(case):
     y_ref.backward(dy)
     dx_ref, dw_ref, dgamma_ref, dbeta_ref, dres_ref = (t.grad for t in leaves)
 
-    mean, invstd, scale, shift = reference.bn_finalize(reference.bn_stats(x), gamma, beta, 1e-5)
-    y, partials = reference.conv_fwd(x, w, stride, pad, scale, shift, residual, want_stats=True)
+    y, stats, f = reference.conv_fwd(x, w, stride, pad, stats=reference.bn_stats(x), gamma=gamma, beta=beta,
+                                     residual=residual, want_stats=True)
     close(y, y_ref.detach())
-    count, part_mean, m2 = partials.unbind(0)
-    total = count.sum(0)
-    merged = (count * part_mean).sum(0) / total
-    var = (m2 + count * (part_mean - merged) ** 2).sum(0) / total
     var_ref, mean_ref = torch.var_mean(y_ref.detach(), dim=(0, 2, 3), unbiased=False)
-    close(merged, mean_ref)
-    close(var, var_ref)
-
-    g, sum_g, sum_gx = reference.conv_dgrad(dy, w, x, stride, pad, scale, shift, mean)
+    close(stats[1] + stats[2], mean_ref)
+    close(stats[3] / stats[0], var_ref)
+    g, sums = reference.conv_dgrad(dy, w, x, stride, pad, f)
     close(g, z.grad)
-    dx = reference.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, training=True)
-    close(dx, dx_ref)
-    close(sum_gx * invstd, dgamma_ref)
-    close(sum_g, dbeta_ref)
-    close(reference.conv_wgrad(x, dy, w.shape, stride, pad, scale, shift), dw_ref)
+    d_unit = torch.randn_like(x)
+    dx = reference.bn_backward(g, x, f, sums, x.numel() / cin, True, d_unit)
+    close(dx, dx_ref + d_unit)
+    close(sums[2], dgamma_ref)
+    close(sums[0], dbeta_ref)
+    close(reference.conv_wgrad(x, dy, w.shape, stride, pad, f), dw_ref)
     close(dy, dres_ref)
 
 
@@ -83,65 +85,27 @@ def test_identity_loader_matches_plain_conv(case):
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     y_ref = F.conv2d(xl, wl, stride=stride, padding=k // 2)
     y_ref.backward(dy)
-    y, partials = reference.conv_fwd(x, w, stride, k // 2)
-    assert partials is None
+    y, stats, f = reference.conv_fwd(x, w, stride, k // 2)
+    assert stats is None and f is None
     close(y, y_ref.detach())
-    dx, none_g, none_gx = reference.conv_dgrad(dy, w, x, stride, k // 2)
-    assert none_g is None and none_gx is None
+    dx, sums = reference.conv_dgrad(dy, w, x, stride, k // 2)
+    assert sums is None
     close(dx, xl.grad)
     close(reference.conv_wgrad(x, dy, w.shape, stride, k // 2), wl.grad)
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_finalize_running_stats_match_batch_norm(momentum):
-    x, *_ = random_case(1, 17, 3, 9, 3, 1)
-    rm, rv = torch.randn(17, dtype=F64), torch.rand(17, dtype=F64) + 0.5
-    rm_ref, rv_ref = rm.clone(), rv.clone()
-    nbt = torch.tensor(4)
-    factor = 0.25 if momentum is None else momentum
-    F.batch_norm(x, rm_ref, rv_ref, training=True, momentum=factor, eps=1e-5)
-    mean, invstd, scale, shift = reference.bn_finalize(reference.bn_stats(x), None, None, 1e-5, rm, rv, momentum, nbt)
-    close(rm, rm_ref)
-    close(rv, rv_ref)
-    close(scale, invstd)
-    close(shift, -mean * invstd)
-
-
-def test_eval_mode_backward_matches_autograd():
-    x, w, gamma, beta, _, dy = random_case(2, 3, 17, 7, 3, 2)
-    rm, rv = torch.randn(3, dtype=F64), torch.rand(3, dtype=F64) + 0.5
-    xl = x.clone().requires_grad_()
-    y_ref, _ = eager_triple(xl, w, gamma, beta, 2, 1, None, training=False, running=(rm, rv))
-    y_ref.backward(dy)
-    invstd = torch.rsqrt(rv + 1e-5)
-    scale, shift = gamma * invstd, beta - rm * gamma * invstd
-    y, _ = reference.conv_fwd(x, w, 2, 1, scale, shift)
-    close(y, y_ref.detach())
-    g, sum_g, sum_gx = reference.conv_dgrad(dy, w, x, 2, 1, scale, shift, rm)
-    close(reference.bn_backward(g, x, rm, invstd, scale, sum_g, sum_gx, training=False), xl.grad)
-
-
-def test_statistics_survive_a_large_mean():
-    """|mean| = 1e4 x std: the Chan merge of per-tile (count, mean, M2) keeps the variance."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 5, 9, 9, generator=g) * 0.01 + 100.0   # float32 data
-    mean, invstd, _, _ = reference.bn_finalize(reference.bn_stats(x), None, None, 0.0)
-    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
-    close(mean.double(), mean_ref, 1e-6)
-    close((1 / invstd.double() ** 2), var_ref, 1e-3)
-
-
-def test_shared_bn_backward_is_additive():
-    """Two convs reading one BN-ReLU: separate BN backwards add up to the joint gradient."""
+def test_shared_bn_backward_chains_through_d_residual():
+    """Two convs reading one BN-ReLU: bn_backward of one fed as d_residual of the other gives the
+    joint gradient (the BN backward is linear in (g, sums))."""
     x, w, gamma, beta, _, dy = random_case(1, 17, 3, 9, 3, 1)
     w2 = torch.randn(5, 17, 1, 1, dtype=F64)
     dy2 = torch.randn(1, 5, 9, 9, dtype=F64)
     xl = x.clone().requires_grad_()
     a = F.relu(F.batch_norm(xl, None, None, gamma, beta, training=True, eps=1e-5))
     (F.conv2d(a, w, padding=1) * dy).sum().add((F.conv2d(a, w2) * dy2).sum()).backward()
-    mean, invstd, scale, shift = reference.bn_finalize(reference.bn_stats(x), gamma, beta, 1e-5)
-    dx = 0
+    f = fold(x, gamma, beta)
+    dx = None
     for weight, grad, pad in ((w, dy, 1), (w2, dy2, 0)):
-        g, sum_g, sum_gx = reference.conv_dgrad(grad, weight, x, 1, pad, scale, shift, mean)
-        dx = dx + reference.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx)
+        g, sums = reference.conv_dgrad(grad, weight, x, 1, pad, f)
+        dx = reference.bn_backward(g, x, f, sums, x.numel() / 17, True, dx)
     close(dx, xl.grad)

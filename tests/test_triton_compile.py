@@ -39,14 +39,17 @@ def _describe(build):
 
 def test_every_kernel_and_dtype_is_built(report):
     kernels = {(b["kernel"].rsplit(".", 1)[1], b["dtype"]) for b in report}
-    names = {"_conv_kernel", "_wgrad_kernel", "_bn_stats_kernel", "_bn_finalize_kernel", "_bn_backward_kernel"}
+    names = {"_conv_kernel", "_wgrad_kernel", "_bn_stats_kernel", "_bn_fold_kernel", "_bn_backward_kernel"}
     assert kernels == {(k, d) for k in names for d in ("float32", "float32-tf32", "bfloat16", "float16")}
-    # the forward, dgrad and both loaders are among the conv builds
-    switches = {(b["constants"]["TRANSPOSED"], b["constants"]["PREACT"], b["constants"]["BN_MASK"],
-                 b["constants"]["HAS_RESIDUAL"], b["constants"]["WANT_STATS"])
+    # the forward with each BN form, dgrad with and without the BN epilogue are among the conv builds
+    switches = {(b["constants"]["TRANSPOSED"], b["constants"]["BN"], b["constants"]["PREACT"],
+                 b["constants"]["BN_MASK"], b["constants"]["HAS_RESIDUAL"], b["constants"]["WANT_STATS"])
                 for b in report if b["kernel"].endswith("_conv_kernel")}
-    assert {(False, True, False, True, True), (False, False, False, False, True), (True, False, True, False, False),
-            (True, False, False, False, False)} <= switches
+    stats, fold, running = 1, 2, 3
+    assert {(False, stats, True, False, True, True), (False, stats, True, False, False, True),
+            (False, fold, True, False, False, False), (False, running, True, False, True, False),
+            (False, 0, False, False, False, True), (True, fold, False, True, False, False),
+            (True, 0, False, False, False, False)} <= switches
 
 
 def test_every_build_compiles(report):

@@ -65,7 +65,11 @@ def recorded_launches():
 
 
 def resnet1001_launches(dtype_name: str, batch: int):
-    """The kernel launches of one training step's triples of ResNet-1001 in dtype_name, recorded."""
+    """The kernel launches of one training step's triples of ResNet-1001 in dtype_name, recorded:
+    the forward as the fused units issue it (stem: no BN, statistics of its output; conv1/conv2:
+    the fold from the input's statistics with the running-statistic update, output statistics;
+    conv3: the same plus the residual; projection shortcut: the fold of conv1's BN), the eval-mode
+    forward (running statistics), dgrad, wgrad, bn_stats, bn_backward and bn_fold."""
     import torch
 
     from preact_fused.triton import bn_grad, conv, stats
@@ -77,32 +81,42 @@ def resnet1001_launches(dtype_name: str, batch: int):
     tf32 = dtype_name == "float32-tf32"
 
     def act(c, hw):
-        return torch.empty(batch, c, hw, hw, dtype=dtype, device="meta")
+        return torch.empty(batch, c, hw, hw, dtype=dtype, device="meta").to(memory_format=torch.channels_last)
 
-    def vec(c):
-        return torch.empty(c, dtype=torch.float32, device="meta")
+    def vec(*shape):
+        return torch.empty(*shape, dtype=torch.float32, device="meta")
 
+    nbt = torch.empty((), dtype=torch.int64, device="meta")
     with recorded_launches() as launches:
         for name, cin, cout, hw, k, stride in RESNET1001_TRIPLES:
             pad = k // 2
             ohw = (hw + 2 * pad - k) // stride + 1
             x, dy, w = act(cin, hw), act(cout, ohw), torch.empty(cout, cin, k, k, device="meta")
             preact = name != "stem"
-            bn = dict(scale=vec(cin), shift=vec(cin)) if preact else {}
-            for residual in (None, act(cout, ohw)):
-                for want_stats in (False, True):
-                    conv.conv_fwd(x, w, stride, pad, residual=residual, want_stats=want_stats, tf32=tf32, **bn)
-            conv.conv_dgrad(dy, w, x, stride, pad, mean=vec(cin) if preact else None, tf32=tf32, **bn)
-            conv.conv_wgrad(x, dy, w.shape, stride, pad, tf32=tf32, **bn)
+            residual = act(cout, ohw) if name.endswith("conv3") else None
+            affine = dict(gamma=vec(cin), beta=vec(cin))
+            running = dict(running_mean=vec(cin), running_var=vec(cin), num_batches_tracked=nbt)
+            if not preact:
+                conv.conv_fwd(x, w, stride, pad, want_stats=True, tf32=tf32)
+            elif name.endswith("shortcut"):
+                conv.conv_fwd(x, w, stride, pad, fold=vec(4, cin), tf32=tf32)
+            else:
+                momentum = None if name == "s1.conv2" else 0.1
+                conv.conv_fwd(x, w, stride, pad, stats=vec(4, cin), **affine, **running, momentum=momentum,
+                              update_running=True, residual=residual, want_stats=True, tf32=tf32)
+            if preact:  # eval mode
+                conv.conv_fwd(x, w, stride, pad, **affine, running_mean=vec(cin), running_var=vec(cin),
+                              residual=residual, tf32=tf32)
+            fold = vec(4, cin) if preact else None
+            conv.conv_dgrad(dy, w, x, stride, pad, fold, tf32=tf32)
+            conv.conv_wgrad(x, dy, w.shape, stride, pad, fold, tf32=tf32)
             stats.bn_stats(x)
-            for running in (False, True):
-                bn_grad.bn_backward(x, x, vec(cin), vec(cin), vec(cin), vec(cin), vec(cin), training=not running,
-                                    d_residual=x if running else None)
-        partials = torch.empty(3, 5, 64, device="meta")
-        for weight, running, momentum in ((vec(64), True, 0.1), (None, True, None), (vec(64), False, 0.1)):
-            stats.bn_finalize(partials, weight, weight, 1e-5, *((vec(64), vec(64)) if running else (None, None)),
-                              momentum=momentum,
-                              num_batches_tracked=torch.empty((), dtype=torch.int64, device="meta"))
+            for training in (True, False):
+                bn_grad.bn_backward(x, x, vec(4, cin), vec(3, cin), 1000.0, training, None if training else x)
+        c = 64
+        stats.bn_fold(vec(4, c), vec(c), vec(c), vec(c), vec(c), nbt, 1e-5, 0.1, True)
+        stats.bn_fold(vec(4, c), None, None, vec(c), vec(c), nbt, 1e-5, None, True)
+        stats.bn_fold(None, vec(c), vec(c), vec(c), vec(c), None, 1e-5, 0.1, False)
     return launches
 
 
