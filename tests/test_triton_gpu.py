@@ -2,7 +2,8 @@
 torch.compile and CUDA graphs. Skipped without a GPU (marker ``cuda``).
 
 Tolerances are those of tests/backend_checks.py (fp32 1e-4 with exact fp32 products, TF32 2e-3,
-bf16 twice PyTorch's own bf16 error + 1e-3). cuDNN's TF32 is pinned off so PyTorch's fp32 results
+bf16 twice PyTorch's own bf16 error + 1e-3). The conformance suite (tests/test_conformance.py) runs
+the odd sizes on the GPU as well. cuDNN's TF32 is pinned off so PyTorch's fp32 results
 used as the bf16 yardstick are exact fp32.
 
 The shape checks run with autotuning off (the first fitting configuration, see conv.AUTOTUNE): each
@@ -12,9 +13,11 @@ configuration the autotuner may pick anyway.
 import pytest
 import torch
 
-from backend_checks import (RESNET1001_TRIPLES, ConvCase, cast, check_bn_backward, check_bn_stats_finalize,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, check_on_second_device,
-                            make_inputs, rel_error, resnet1001_case)
+from backend_checks import (RESNET1001_TRIPLES, ConvCase, check_bn_backward, check_bn_fold, check_bn_stats,
+                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
+                            check_on_second_device, check_reruns_identical, make_triple, rel_error, resnet1001_case,
+                            to_backend)
+from preact_fused import contract
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_cudnn")]
 
@@ -45,42 +48,54 @@ def test_resnet1001_triple(ops, triple, batch, dtype):
     name = triple[0]
     case = resnet1001_case(triple, batch)
     with_bn = name != "stem"
-    check_conv_fwd(ops, case, dtype, "cuda", "channels_last", with_bn, with_residual=name.endswith("conv3"),
+    mode = "none" if not with_bn else "fold" if name.endswith("shortcut") else "update"
+    check_conv_fwd(ops, case, dtype, "cuda", "channels_last", mode, with_residual=name.endswith("conv3"),
                    want_stats=not name.endswith("shortcut"))
-    check_conv_dgrad(ops, case, dtype, "cuda", "channels_last", with_bn)
-    check_conv_wgrad(ops, case, dtype, "cuda", "channels_last", with_bn)
+    check_conv_dgrad(ops, case, dtype, "cuda", "channels_last", True, with_bn=with_bn)
+    check_conv_wgrad(ops, case, dtype, "cuda", "channels_last", True, with_bn=with_bn)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(128, 64, 32, 32), (64, 256, 8, 8)], ids=str)
 def test_resnet1001_statistics_and_bn_backward(ops, shape, dtype):
-    check_bn_stats_finalize(ops, shape, dtype, "cuda", "channels_last", momentum=None)
-    check_bn_stats_finalize(ops, shape, dtype, "cuda", "channels_last", offset=500.0)  # |mean| >= 1000 x std
+    check_bn_stats(ops, shape, dtype, "cuda", "channels_last")
+    check_bn_stats(ops, shape, dtype, "cuda", "channels_last", offset=500.0)  # |mean| >= 1000 x std
+    for mode in ("update", "update_cumulative", "running"):
+        check_bn_fold(ops, shape[1], dtype, "cuda", mode)
     case = ConvCase(shape[0], shape[1], shape[1], shape[2], shape[3], 1, 1)
     check_bn_backward(ops, case, dtype, "cuda", "channels_last", training=True, with_residual=True)
     check_bn_backward(ops, case, dtype, "cuda", "nchw", training=False, with_residual=False)
 
 
+def test_reruns_are_bit_identical(ops):
+    check_reruns_identical(ops, torch.float32, "cuda")
+    check_reruns_identical(ops, torch.bfloat16, "cuda")
+
+
 class PinnedConfig:
-    """The conv contracts of the triton backend launched with one tile configuration."""
+    """The conv ops of the triton backend launched with one tile configuration."""
 
     def __init__(self, conv_config=None, wgrad_config=None):
         from preact_fused.triton import conv
 
         self.conv, self.conv_config, self.wgrad_config = conv, conv_config, wgrad_config
 
-    def conv_fwd(self, x, weight, stride, padding, scale=None, shift=None, residual=None, want_stats=False):
-        y, partials = self.conv.conv_fwd(x, weight, stride, padding, scale, shift, residual, want_stats,
-                                         config=self.conv_config)
-        return y, (partials if want_stats else None)
+    def conv_fwd(self, x, weight, stride, padding, **kwargs):
+        y, stats, fold = self.conv.conv_fwd(x, weight, stride, padding, **kwargs, config=self.conv_config)
+        return contract.keep_format(y, x), contract.optional(stats), contract.optional(fold)
 
-    def conv_dgrad(self, dy, weight, x, stride, padding, scale=None, shift=None, mean=None):
-        g, sums = self.conv.conv_dgrad(dy, weight, x, stride, padding, scale, shift, mean, config=self.conv_config)
-        return (g, None, None) if scale is None else (g, sums[0], sums[1])
+    def conv_dgrad(self, dy, weight, x, stride, padding, fold=None):
+        g, sums = self.conv.conv_dgrad(dy, weight, x, stride, padding, fold, config=self.conv_config)
+        return contract.keep_format(g, dy), contract.optional(sums)
 
-    def conv_wgrad(self, x, dy, weight_shape, stride, padding, scale=None, shift=None):
-        return self.conv.conv_wgrad(x, dy, weight_shape, stride, padding, scale, shift, config=self.wgrad_config)
+    def conv_wgrad(self, x, dy, weight_shape, stride, padding, fold=None):
+        return self.conv.conv_wgrad(x, dy, weight_shape, stride, padding, fold, config=self.wgrad_config)
+
+    def __getattr__(self, name):  # bn_stats, bn_fold, bn_backward: the backend's own
+        import preact_fused.triton as triton_ops
+
+        return getattr(triton_ops, name)
 
 
 def _config_ids(configs):
@@ -107,7 +122,8 @@ CONFIG_CASE = ConvCase(16, 80, 48, 15, 15, 3, 2)
 @pytest.mark.parametrize("config", _all_configs("CONV_CONFIGS"), ids=_config_ids(_all_configs("CONV_CONFIGS")))
 def test_every_conv_configuration(config, dtype):
     pinned = PinnedConfig(conv_config=config)
-    check_conv_fwd(pinned, CONFIG_CASE, dtype, "cuda", "channels_last", True, True, True)
+    check_conv_fwd(pinned, CONFIG_CASE, dtype, "cuda", "channels_last", "update", True, True)
+    check_conv_fwd(pinned, CONFIG_CASE, dtype, "cuda", "channels_last", "running", False, False)
     check_conv_dgrad(pinned, CONFIG_CASE, dtype, "cuda", "channels_last", True)
 
 
@@ -115,6 +131,7 @@ def test_every_conv_configuration(config, dtype):
 @pytest.mark.parametrize("config", _all_configs("WGRAD_CONFIGS"), ids=_config_ids(_all_configs("WGRAD_CONFIGS")))
 def test_every_wgrad_configuration(config, dtype):
     check_conv_wgrad(PinnedConfig(wgrad_config=config), CONFIG_CASE, dtype, "cuda", "channels_last", True)
+    check_conv_wgrad(PinnedConfig(wgrad_config=config), CONFIG_CASE, dtype, "cuda", "nchw", True, with_bn=False)
 
 
 @pytest.mark.usefixtures("no_autotune")
@@ -122,7 +139,7 @@ def test_tf32_option(ops):
     case = resnet1001_case(RESNET1001_TRIPLES[6], 64)
     ops.set_fp32_precision("tf32")
     try:
-        check_conv_fwd(ops, case, torch.float32, "cuda", "channels_last", True, False, True, tf32=True)
+        check_conv_fwd(ops, case, torch.float32, "cuda", "channels_last", "update", False, True, tf32=True)
         check_conv_dgrad(ops, case, torch.float32, "cuda", "channels_last", True, tf32=True)
         check_conv_wgrad(ops, case, torch.float32, "cuda", "channels_last", True, tf32=True)
     finally:
@@ -131,20 +148,21 @@ def test_tf32_option(ops):
 
 def _step_inputs(dtype, seed=0):
     case = ConvCase(8, 64, 64, 16, 16, 3, 2)
-    t = cast(make_inputs(case, dtype, "cuda", seed), dtype, "cuda", "channels_last")
-    return (t["x"], t["w"], t["gamma"], t["beta"], torch.zeros(64, device="cuda"), torch.ones(64, device="cuda"),
-            t["dy"])
+    t = make_triple(case, seed)
+    cl = (lambda v: to_backend(v, dtype, "cuda", "channels_last"))
+    return (cl(t.x), t.w.to("cuda", torch.float32), t.gamma.to("cuda", torch.float32),
+            t.beta.to("cuda", torch.float32), torch.zeros(64, device="cuda"), torch.ones(64, device="cuda"),
+            cl(t.dy))
 
 
 def _contract_step(ops, x, w, gamma, beta, running_mean, running_var, dy):
-    partials = ops.bn_stats(x)
-    mean, invstd, scale, shift = ops.bn_finalize(partials, gamma, beta, 1e-5, running_mean, running_var, None,
-                                                 torch.ones((), dtype=torch.long, device=x.device))
-    y, y_partials = ops.conv_fwd(x, w, 2, 1, scale, shift, None, True)
-    g, sum_g, sum_gx = ops.conv_dgrad(dy, w, x, 2, 1, scale, shift, mean)
-    dw = ops.conv_wgrad(x, dy, w.shape, 2, 1, scale, shift)
-    dx = ops.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, True, None)
-    return y, y_partials, dx, dw
+    stats = ops.bn_stats(x)
+    y, y_stats, fold = ops.conv_fwd(x, w, 2, 1, stats=stats, gamma=gamma, beta=beta, running_mean=running_mean,
+                                    running_var=running_var, update_running=True, want_stats=True)
+    g, sums = ops.conv_dgrad(dy, w, x, 2, 1, fold)
+    dw = ops.conv_wgrad(x, dy, w.shape, 2, 1, fold)
+    dx = ops.bn_backward(g, x, fold, sums, x.numel() // x.shape[1], True, None)
+    return y, y_stats, dx, dw
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -177,17 +195,9 @@ def test_torch_compile_of_the_ops(ops, dtype):
     assert rel_error(compiled_args[5], eager_args[5]) < 1e-6
 
 
-def test_compiled_fused_block_has_no_graph_breaks(ops):
-    from preact_fused.nn import PreActBottleneck
-
+def test_compiled_unit(ops):
     torch._dynamo.reset()
-    block = PreActBottleneck(64, 16, stride=2, backend="triton").cuda()
-    x = torch.randn(8, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last)
-    explanation = torch._dynamo.explain(block)(x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(block)
-    y = compiled(x)
-    y.float().sum().backward()
+    check_compiled_unit(ops, "cuda")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

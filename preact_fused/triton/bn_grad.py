@@ -6,7 +6,6 @@ C = -scale * sum_g / count - B * mean (training); B = C = 0 with running statist
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -66,13 +65,13 @@ def bn_backward(g, x, fold, sums, count, training, d_residual):
     dummy = fold
 
     def act(t, ptr, prefix):
-        t = dummy if t is None or t.numel() == 0 else t
+        t = dummy if t is None else t if t.numel() else t.new_empty(1)
         s = strides4(t) if t.dim() == 4 else (0, 0, 0, 0)
         return {ptr: t, **{f"{prefix}_{d}": v for d, v in zip("nchw", s)}}
 
     _bn_backward_kernel[grid](
         **act(g, "g_ptr", "sg"), **act(x, "x_ptr", "sx"), **act(d_residual, "dr_ptr", "sr"),
-        dx_ptr=dx if dx.numel() else dummy, fold_ptr=fold.contiguous(),
+        dx_ptr=dx if dx.numel() else dx.new_empty(1), fold_ptr=fold.contiguous(),
         sums_ptr=sums.contiguous() if training and sums.numel() else dummy,
         M=rows, C=c, H=h, W=w, count=float(count), TRAINING=bool(training), HAS_RESIDUAL=d_residual is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if INTERPRET else 8)

@@ -341,8 +341,11 @@ def _launch(kernel, fit, grid, args, config):
 
 
 def _nonempty(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
-    """t, or ``dummy`` for an absent or empty tensor (a pointer the kernel does not dereference)."""
-    return dummy if t is None or t.numel() == 0 else t
+    """t; ``dummy`` for an absent tensor, one element of t's dtype for an empty one (pointers the
+    kernel does not dereference, with the dtype its code is specialised for)."""
+    if t is None:
+        return dummy
+    return t if t.numel() else t.new_empty(1)
 
 
 def bn_mode(stats, fold, running_mean) -> int:

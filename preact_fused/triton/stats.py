@@ -74,8 +74,8 @@ def bn_stats(x: torch.Tensor) -> torch.Tensor:
     sem = semaphores(x.device, col_blocks * (groups + 1))
     sx = strides4(x)
     _bn_stats_kernel[(tiles, col_blocks)](
-        x_ptr=x if x.numel() else sem, sx_n=sx[0], sx_c=sx[1], sx_h=sx[2], sx_w=sx[3], ws_ptr=ws, sem_ptr=sem,
-        out_ptr=out if out.numel() else sem, M=rows, C=c, H=h, W=w, GROUP=GROUP, BLOCK_R=_STATS_BLOCK_R,
+        x_ptr=x if x.numel() else x.new_empty(1), sx_n=sx[0], sx_c=sx[1], sx_h=sx[2], sx_w=sx[3], ws_ptr=ws, sem_ptr=sem,
+        out_ptr=out if out.numel() else out.new_empty(1), M=rows, C=c, H=h, W=w, GROUP=GROUP, BLOCK_R=_STATS_BLOCK_R,
         BLOCK_C=_STATS_BLOCK_C, num_warps=_STATS_WARPS)
     return out
 
@@ -93,6 +93,6 @@ def bn_fold(stats, gamma, beta, running_mean, running_var, num_batches_tracked, 
     sem = semaphores(ref.device, 1)
     bn = bn_args(stats, None, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
                  update_running, sem)
-    _bn_fold_kernel[(1,)](fold_ptr=out if out.numel() else sem, **{k: v for k, v in bn.items() if k != "fold_ptr"},
+    _bn_fold_kernel[(1,)](fold_ptr=out if out.numel() else out.new_empty(1), **{k: v for k, v in bn.items() if k != "fold_ptr"},
                           C=c, BLOCK=_FOLD_BLOCK, num_warps=4)
     return out
