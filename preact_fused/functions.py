@@ -67,6 +67,11 @@ class Chain:
     siblings: tuple = ()
     residual: str | None = None
 
+    def __post_init__(self):
+        # (stride, padding) of every conv, checked once: triples first, then siblings.
+        convs = [conv for _, conv in self.triples] + list(self.siblings)
+        object.__setattr__(self, "geometry", tuple(conv_geometry(conv) for conv in convs))
+
     def parameters(self) -> list[torch.Tensor]:
         """The parameters the chain differentiates, in a fixed order (the Function's inputs)."""
         params = []
@@ -97,7 +102,7 @@ class FusedChain(torch.autograd.Function):
         inputs, folds, modes = [], [], []
         h, siblings_out = x, []
         for i, (bn, conv) in enumerate(triples):
-            stride, padding = conv_geometry(conv)
+            stride, padding = chain.geometry[i]
             check_output_size(h, conv, stride, padding)
             if bn is None:
                 bn_kwargs, mode = {}, None
@@ -127,8 +132,8 @@ class FusedChain(torch.autograd.Function):
             modes.append(mode)
             used.append(UsedFold(fold, mode))
             if i == 0:
-                for sibling in chain.siblings:
-                    s_stride, s_padding = conv_geometry(sibling)
+                for j, sibling in enumerate(chain.siblings):
+                    s_stride, s_padding = chain.geometry[n + j]
                     siblings_out.append(ops.conv_fwd(x, sibling.weight, s_stride, s_padding, fold=fold)[0])
             h = y
         ctx.save_for_backward(*inputs, *[f for f in folds if f is not None])
@@ -173,7 +178,7 @@ def _chain_backward(ctx, dy, d_siblings):
     for i in reversed(range(n)):
         bn, conv = chain.triples[i]
         h, fold = inputs[i], folds[i]
-        stride, padding = conv_geometry(conv)
+        stride, padding = chain.geometry[i]
         if d is None:
             continue
         upstream = i > 0 or needs_x or needs_params[i].get("gamma") or needs_params[i].get("beta") \
@@ -193,7 +198,7 @@ def _chain_backward(ctx, dy, d_siblings):
             for j, sibling in enumerate(chain.siblings):
                 if d_siblings[j] is None:
                     continue
-                s_stride, s_padding = conv_geometry(sibling)
+                s_stride, s_padding = chain.geometry[n + j]
                 if needs_siblings[j]:
                     sibling_dw[j] = ops.conv_wgrad(h, d_siblings[j], tuple(sibling.weight.shape), s_stride,
                                                    s_padding, fold)
