@@ -169,12 +169,14 @@ def _conv_kernel(
             write_fold(fold_out_ptr, K_ch, stats_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, nbt_ptr, eps,
                        momentum, keep, BN, HAS_GAMMA, HAS_BETA, UPDATE, HAS_NBT, FACTOR_FROM_COUNT, _FOLD_BLOCK)
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    n = rows // (OH * OW)
-    rem = rows - n * (OH * OW)
-    oh = (rem // OW).to(tl.int32)
-    ow = (rem % OW).to(tl.int32)
+    rows32 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # M < 2^31 (_run_conv checks); offsets in int64
+    row_ok = rows32 < M
+    n32 = rows32 // (OH * OW)
+    rem = rows32 - n32 * (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    n = n32.to(tl.int64)
+    rows = rows32.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_out
     ks = tl.arange(0, BLOCK_K)
@@ -228,7 +230,7 @@ def _conv_kernel(
         reduce_tiles(sum_g, sum_gx, sum_g, sum_g, pid_m, tiles, cols, N_out, ws_ptr, sem_ptr, sem_base, red_ptr,
                      invstd, KIND_SUMS, GROUP)
     if WANT_STATS:  # summary of the output as stored (after rounding)
-        count = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
         c, p, d, m2 = tile_summary(out.to(tl.float32), row_ok[:, None], count)
         reduce_tiles(c, p, d, m2, pid_m, tiles, cols, N_out, ws_ptr, sem_ptr, sem_base, red_ptr, c,
                      KIND_SUMMARY, GROUP)
@@ -271,12 +273,13 @@ def _wgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_K):
-        pix = p0 + tl.arange(0, BLOCK_K)
+        pix = (p0 + tl.arange(0, BLOCK_K)).to(tl.int32)  # < 2^31 (conv_wgrad checks)
         pix_ok = pix < end
-        n = pix // (OH * OW)
-        rem = pix - n * (OH * OW)
-        oh = (rem // OW).to(tl.int32)
-        ow = (rem % OW).to(tl.int32)
+        n32 = pix // (OH * OW)
+        rem = pix - n32 * (OH * OW)
+        oh = rem // OW
+        ow = rem % OW
+        n = n32.to(tl.int64)
         src, ok = source_offset(n, oh, ow, kh, kw, pix_ok, H, W, sx_n, sx_h, sx_w, STRIDE, PAD, False)
         # A = P(x)^T [BLOCK_M (ci), BLOCK_K (pixels)], the forward's loader in transposed orientation
         mask = ci_ok[:, None] & ok[None, :]
@@ -399,6 +402,9 @@ def _run_conv(a, weight, out, aux, bn, rows_shape, src_hw, k_ch, n_out, stride, 
               fold_out, ws, sem, red, transposed, has_residual, want_stats, bn_mask, config):
     n, oh, ow = rows_shape
     m = n * oh * ow
+    if m >= 2**31 - 2**16:
+        raise ValueError(f"{m} rows (N*H*W pixels); the Triton conv kernel indexes rows in int32 "
+                         f"(at most 2^31 - 2^16)")
     dummy = sem  # stands in for pointers a configuration does not dereference
     args = dict(
         a_ptr=_nonempty(a, dummy), **dict(zip(("sa_n", "sa_c", "sa_h", "sa_w"), strides4(a))),
@@ -498,6 +504,9 @@ def conv_wgrad(x, dy, weight_shape, stride, padding, fold=None, tf32=False, conf
     ho, wo = dy.shape[2], dy.shape[3]
     device = x.device
     pixels = n * ho * wo
+    if pixels >= 2**31 - 2**16:
+        raise ValueError(f"conv_wgrad: {pixels} output pixels; the Triton kernel indexes pixels in int32 "
+                         f"(at most 2^31 - 2^16)")
     tiles = kh * kw * triton.cdiv(cin, _fitted_block(cin)) * triton.cdiv(cout, _fitted_block(cout))
     chunk, splits = _wgrad_split(pixels, tiles, device)
     dw = torch.empty((cout, cin, kh, kw), dtype=torch.float32, device=device)
