@@ -50,6 +50,8 @@ from .nn import MEMORY_MODES
 CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
               "images_per_second", "peak_memory_gib")
 PROG = "python -m preact_fused.train"
+CHECKPOINT_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "global_step", "meters",
+                   "rng", "args")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,15 +130,70 @@ def check_args(args, parser) -> None:
         parser.error("give --data DIR (the CIFAR python batches) or --synthetic")
     if args.synthetic and args.data:
         parser.error("--synthetic and --data exclude each other")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    minimums = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "num_classes": 2, "train_subset": 0,
+                "test_subset": 0, "warmup_steps": 0, "threads": 0, "save_every": 0, "stop_after": 0}
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    positive = {"lr": True, "momentum": False, "weight_decay": False, "warmup_lr": False, "memory_budget": True}
+    for name, strictly in positive.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if strictly else value >= 0)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number {'>' if strictly else '>='} 0, "
+                         f"got {value}")
+    check_device(args.device, parser)
     if args.warmup_steps is None:
         args.warmup_steps = 400 if args.depth >= 110 else 0
     if any(not 0 < m < 1 for m in args.milestones):
         parser.error("--milestones are fractions of training, between 0 and 1")
     if args.out is None:
         args.out = f"runs/preact_resnet{args.depth}"
+
+
+def check_device(name: str, parser) -> None:
+    """parser.error unless ``name`` is auto, cpu or a CUDA device torch can see."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device: give auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name!r}: training runs on cpu or cuda")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            parser.error(f"--device {name}: torch sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            parser.error(f"--device {name}: torch sees {count} CUDA device(s)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, not written by this trainer, or of another model."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before writing anything more."""
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_checkpoint(path) -> dict:
+    """The state saved by ``Trainer.save`` at ``path``; CheckpointError if unreadable or foreign."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (any failure of the unpickler means an unreadable file)
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_one_line(err)})") from err
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing or state["format"] != 1 or not isinstance(state["args"], dict):
+        raise CheckpointError(f"{path} is not a checkpoint of {PROG}"
+                              + (f" (missing {', '.join(missing)})" if missing else " (unknown format)"))
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,7 +442,9 @@ class Trainer:
         }
 
     def save(self, path: Path | None = None) -> Path:
-        """Write the checkpoint (rank 0; every rank must call this). Atomic: never a half-written file."""
+        """Write the checkpoint (rank 0; every rank must call this). Atomic: never a half-written file;
+        never one after a non-finite loss (NonFiniteLoss instead)."""
+        self.check_loss()
         path = Path(path or self.out / "checkpoint.pt")
         state = self.state_dict()
         if self.info.is_main:
@@ -396,17 +455,24 @@ class Trainer:
         return path
 
     def load(self, path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Continue from the checkpoint at ``path`` (CheckpointError if it cannot be resumed here)."""
+        state = read_checkpoint(path)
         different = [k for k in ("depth", "block", "batch_size", "epochs", "lr", "seed", "dataset", "fused")
                      if state["args"].get(k) != getattr(self.args, k)]
         if different and self.info.is_main:
             warnings.warn(f"resuming {path} with different settings ({', '.join(different)}): the run will "
                           "not continue exactly as it would have", RuntimeWarning, stacklevel=2)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            saved = state["args"]
+            raise CheckpointError(
+                f"{path} holds another model or optimizer (depth {saved.get('depth')}, block {saved.get('block')}; "
+                f"this run: depth {self.args.depth}, block {self.args.block}): {_one_line(err)}") from err
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self._reset_meters()
         if self.info.is_main:  # the summed meters, counted once
@@ -417,6 +483,13 @@ class Trainer:
         rng = dict(state["rng"])
         rng["python"] = _as_python_random_state(rng["python"])
         _set_rng_state(rng, self.device)
+
+    def check_loss(self) -> None:
+        """NonFiniteLoss if a training loss of the epoch so far was NaN or infinite (every rank calls this)."""
+        total = _dist.all_reduce_sum(self.loss_sum).item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"the training loss became {total} by epoch {self.epoch + 1}, step {self.step} "
+                                f"(lr {self.last_lr:.3g}): stopped; nothing was written after it (lower --lr?)")
 
     # --- the loop
 
@@ -441,6 +514,8 @@ class Trainer:
                 self.global_step += 1
                 steps_this_run += 1
                 shown = self.step % 20 == 0 or self.step == self.steps_per_epoch
+                if shown:
+                    self.check_loss()
                 bar.update({"loss": f"{loss.item():.3f}", "lr": f"{self.last_lr:.3g}"}
                            if shown and bar.bar is not None else None)
                 if args.save_every and self.global_step % args.save_every == 0:
@@ -654,22 +729,32 @@ def main(argv=None) -> int:
             data = load_dataset(args, info.device)
             trainer = Trainer(args, info, data)
         except (FileNotFoundError, ValueError) as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            return 2
+            return _fail(err)
         if args.resume:
             path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
             if not path.is_file():
-                print(f"{PROG}: error: no checkpoint to resume at {path}", file=sys.stderr)
-                return 2
-            trainer.load(path)
+                return _fail(f"no checkpoint to resume at {path}")
+            try:
+                trainer.load(path)
+            except CheckpointError as err:
+                return _fail(err)
         if info.is_main:
             print(trainer.describe(), flush=True)
             if args.resume:
                 print(f"resumed at epoch {trainer.epoch + 1}, step {trainer.step}", flush=True)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except NonFiniteLoss as err:
+            return _fail(err, status=1)
         return 0
     finally:
         _dist.teardown()
+
+
+def _fail(message, status: int = 2) -> int:
+    """Print ``message`` as one error line (argparse's style) and return the exit status."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
