@@ -43,9 +43,11 @@ from torch import nn
 from . import backend as _backend
 from . import data as _data
 from . import distributed as _dist
+from .graphs import GraphedStep, graph_unsupported_reason
 from .memory import count_saved_bytes
 from .models import preact_resnet
 from .nn import MEMORY_MODES
+from .runs import Progress, largest_batch
 
 CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
               "images_per_second", "peak_memory_gib")
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end this run after STEPS steps, with a checkpoint (0: train to the end)")
     g.add_argument("--eval-batch-size", type=int, default=500)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each training step (forward, backward, SGD) as one CUDA graph after 3 "
+                   "eager steps and replay it (one GPU, --amp none or bf16; recaptured when the "
+                   "learning rate changes)")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="OUT/curves.png")
 
     g = parser.add_argument_group("memory figures (print and exit)")
@@ -278,29 +284,6 @@ def _as_python_random_state(state):
     return state
 
 
-class _Progress:
-    """tqdm when available (and wanted), else nothing but the per-epoch lines."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
-
-    def update(self, postfix=None):
-        if self.bar is not None:
-            self.bar.update()
-            if postfix is not None:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     """Model, optimizer, schedule and data order of one run; checkpoints that resume it exactly."""
 
@@ -342,6 +325,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.graphed = None
+        if getattr(args, "cuda_graphs", False):
+            reason = graph_unsupported_reason(device)
+            if reason is None and self.scaler is not None:
+                reason = "the fp16 GradScaler synchronises with the host every step (use --amp bf16)"
+            if reason is None and info.distributed:
+                reason = "not with several ranks (gradient all-reduce outside the graph)"
+            if reason is not None:
+                raise ValueError(f"--cuda-graphs: {reason}")
+            self.graphed = GraphedStep(self._graph_loss, self.optimizer, warmup=3)
+            self._graph_logits = None
         self.out = Path(args.out)
         self.epoch = 0          # epochs completed
         self.step = 0           # steps completed in the current epoch
@@ -381,7 +375,29 @@ class Trainer:
         images = _data.augment(self.data.train_images[index], offsets[pos], flips[pos])
         return self._inputs(images), self.data.train_labels[index]
 
+    def _graph_loss(self, x, target) -> torch.Tensor:
+        """The step's loss for ``GraphedStep``; its logits are kept for the meters (under capture:
+        the graph's static logits, which every replay rewrites)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None, cache_enabled=False):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, target)
+        self._graph_logits = logits
+        return loss
+
+    def _graphed_train_step(self, x, target) -> torch.Tensor:
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        loss = self.graphed(x, target)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.loss_sum += loss.double() * target.shape[0]
+            self.correct += (self._graph_logits.argmax(1) == target).sum()
+            self.seen += target.shape[0]
+        return loss
+
     def train_step(self, x, target) -> torch.Tensor:
+        if self.graphed is not None:
+            return self._graphed_train_step(x, target)
         with self.autocast():
             logits = self.model(x)
             loss = F.cross_entropy(logits, target)
@@ -503,8 +519,8 @@ class Trainer:
         steps_this_run = 0
         while self.epoch < args.epochs:
             plan = self.epoch_plan(self.epoch)
-            bar = _Progress(main and args.progress, self.steps_per_epoch, self.step,
-                            f"epoch {self.epoch + 1}/{args.epochs}")
+            bar = Progress(self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{args.epochs}",
+                           initial=self.step, bar=main and args.progress, leave=False)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             start, first_step = time.perf_counter(), self.step
@@ -619,22 +635,6 @@ def plot_log(csv_path: Path, png_path: Path) -> bool:
 # Memory figures
 
 
-def largest_batch(fits, start: int = 64, limit: int = 1 << 16, resolution: int = 8) -> int:
-    """The largest batch for which ``fits(batch)`` holds (0 if none): doubling, then bisection."""
-    lo, hi, batch = 0, None, start
-    while hi is None:
-        if fits(batch):
-            lo, batch = batch, batch * 2
-            if batch > limit:
-                return lo
-        else:
-            hi = batch
-    while hi - lo > resolution:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
 def _probe(model, device, dtype, num_classes: int):
     """fits(batch): one SGD training step of ``model`` at that batch runs without running out of memory."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
@@ -692,7 +692,8 @@ def measure_memory(args, device: torch.device) -> list[dict]:
                        "estimated_max_batch": max(0, math.floor((budget - state_bytes - fixed) / per_image)),
                        "budget_gib": budget / 2 ** 30}
                 if args.probe_max_batch and device.type == "cuda":
-                    row["measured_max_batch"] = largest_batch(_probe(model, device, dtype, args.num_classes))
+                    row["measured_max_batch"] = largest_batch(_probe(model, device, dtype, args.num_classes),
+                                                              start=64, resolution=8)
                 rows.append(row)
         del model
     return rows
