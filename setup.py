@@ -166,7 +166,7 @@ setup(
     packages=find_packages(include=["preact_fused", "preact_fused.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=7", "numpy", "matplotlib", "tqdm", "pytest-benchmark"],
+    extras_require={"test": ["pytest>=7", "numpy", "matplotlib", "tqdm", "pytest-benchmark", "hypothesis"],
                     "bench": ["matplotlib", "tqdm", "pytest", "pytest-benchmark"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

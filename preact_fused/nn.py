@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import batch_norm_params, bn_relu_conv2d, check_input, conv_geometry, recompute, resolve_ops
+from .autograd import batch_norm_params, bn_relu_conv2d, recompute, resolve_ops
+from .validation import check_input, conv_geometry
 
 MEMORY_MODES = ("activations", "min")
 
@@ -35,20 +36,24 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
 class BNReLUConv2d(nn.Module):
     """conv(relu(bn(x))) in one fused op; numerically ``nn.Sequential(bn, nn.ReLU(), conv)``.
 
-    Input [N, Cin, H, W] (NCHW or channels_last, kept); output [N, Cout, Ho, Wo]. Saves only x for
-    backward (not relu(bn(x))). state_dict keys: ``bn.*``, ``conv.*``.
+    Takes nn.Conv2d's arguments (``bias`` defaults to False) and, as keywords, nn.BatchNorm2d's (of
+    ``in_channels`` features) and ``backend``. Convolutions the fused op does not implement (groups,
+    dilation, a padding mode other than zeros, unequal strides or paddings) are refused with a
+    ValueError naming them. Input [N, Cin, H, W] (NCHW or channels_last, kept); output
+    [N, Cout, Ho, Wo]. Saves only x for backward (not relu(bn(x))). state_dict keys: ``bn.*``, ``conv.*``.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False,
-                 eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, backend="auto",
-                 device=None, dtype=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, padding_mode="zeros", *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, backend="auto"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, padding_mode=padding_mode, **factory)
+        conv_geometry(conv)
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats, **factory)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                              bias=bias, **factory)
-        conv_geometry(self.conv)
+        self.conv = conv
         self.backend = backend
 
     @classmethod
@@ -66,7 +71,7 @@ class BNReLUConv2d(nn.Module):
 
     def fused(self, x, partials=None, residual=None, want_stats=False):
         """(y, partials of y or None): the op with the statistics of x passed in and out."""
-        check_input(x, self.conv)
+        check_input(x, self.conv, batch_stats=_uses_batch_stats(self.bn))
         ops = resolve_ops(self.backend, x)
         params = batch_norm_params(self.bn, x, partials, ops)
         return bn_relu_conv2d(x, self.conv, params, ops, residual=residual, want_stats=want_stats)
