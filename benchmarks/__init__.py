@@ -7,11 +7,16 @@
                                         per op, against eager cuDNN and the minimum-bytes time
     bash benchmarks/gpu_check.sh OUT    the prepared GPU run: build, GPU tests, the benchmarks
 
-This module holds what the scripts share: timing, the device's name and the run's environment.
+Results go to ``benchmarks/results/local/<device>/`` (ignored by git) unless ``--out DIR`` is given;
+``--commit-results`` writes the committed record under ``benchmarks/results/<device>/`` instead.
+
+This module holds what the scripts share: timing, the device's name and the run's environment, where
+results go, and the verdict of the correctness smoke (``benchmarks.smoke``) on the rows.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -23,6 +28,60 @@ import torch
 from preact_fused.backend import unavailable_reason
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COMMITTED = RESULTS                  # committed records: benchmarks/results/<device>/
+LOCAL = RESULTS / "local"            # a user's runs: benchmarks/results/local/<device>/ (git-ignored)
+SMOKE_ENV = "PREACT_FUSED_SMOKE"     # path of the correctness smoke's smoke.json, set by gpu_check.sh
+
+
+def output_dir(out: Path | None, commit: bool, device: torch.device) -> Path:
+    """Where a benchmark writes: ``out`` if given, else the committed or the local results folder."""
+    if out is not None:
+        return Path(out)
+    return (COMMITTED if commit else LOCAL) / device_slug(device)
+
+
+def write_json_atomic(path: Path, record) -> None:
+    """Write ``record`` as JSON so that a reader (or a run cut off mid-write) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def smoke_failures(path: str | None = None) -> dict | None:
+    """Backends the correctness smoke failed, {backend: reason}; None when no smoke applies.
+
+    ``path`` (default: the environment variable PREACT_FUSED_SMOKE) names the smoke's JSON. When it
+    is named but missing or unreadable (the smoke crashed or ran out of time), every fused backend
+    counts as failed: nothing vouches for its kernels."""
+    path = path if path is not None else os.environ.get(SMOKE_ENV)
+    if not path:
+        return None
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        reason = f"no correctness smoke result ({type(err).__name__} reading {path})"
+        return {"triton": reason, "cuda": reason, "reference": reason}
+    failed = {name: f"failed the correctness smoke: {info.get('summary', 'see smoke.json')}"
+              for name, info in record.get("backends", {}).items() if not info.get("ok")}
+    if not record.get("complete"):
+        for name in ("triton", "cuda"):   # not reached, or still running when the smoke stopped
+            info = record.get("backends", {}).get(name)
+            if info is None or info.get("summary") == "running":
+                failed[name] = "was not vouched for: the correctness smoke did not finish"
+    return failed
+
+
+def mark_invalid(rows: list[dict], failures: dict | None = None) -> list[dict]:
+    """Mark every row timed on a backend that failed the correctness smoke: ``invalid`` says why.
+
+    Timings of a kernel that computes the wrong thing are not results; the rows stay (they show
+    what ran) but reports and the README table leave them out."""
+    failures = smoke_failures() if failures is None else failures
+    for row in rows:
+        if failures and row.get("backend") in failures:
+            row["invalid"] = f"backend {row['backend']} {failures[row['backend']]}"
+    return rows
 
 
 def device_slug(device: torch.device) -> str:

@@ -1,6 +1,6 @@
 """Kernel-level GPU timings of the fused BN-ReLU-conv triple, per backend, against eager cuDNN.
 
-For every distinct triple of the CIFAR ResNet-1001 (tests/backend_checks.py, RESNET1001_TRIPLES),
+For every distinct triple of the CIFAR ResNet-1001 (preact_fused/shapes.py, RESNET1001_TRIPLES),
 channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench``) of
 
   fused forward   bn_finalize of the input's partials + conv_fwd (BN-ReLU loader; residual and
@@ -10,13 +10,16 @@ channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench
   eager backward  autograd through the same (dx, dw, dgamma, dbeta)
 
 for each fused backend (``triton``, ``cuda``: the six contract functions called directly, no
-autograd), and each of its ops alone. The minimum-bytes time is the time to move, at the measured
+autograd), and each of its ops alone; and for cuDNN's own fusion of the triple (``cudnn`` rows,
+``benchmarks/cudnn_peer.py``: the frontend's graph API, fp16 only, whatever ``--dtype``; a pattern
+cuDNN cannot build on this GPU gets a row saying why; ``--no-cudnn`` leaves it out). The minimum-bytes time is the time to move, at the measured
 copy bandwidth (a 1 GiB device-to-device copy), the bytes no implementation can avoid: forward x
 and y (+ residual), backward dy, x and dx. Network totals weight each triple by its count in
 ResNet-1001; with both backends, the CUDA backend's time is also given relative to Triton's.
 
-Rows are appended to ``kernel_ops.csv`` under benchmarks/results/<device>/ (or ``--out``), with
-device, versions, dtype, layout, batch and TF32 setting on every row; a table is printed.
+Rows are written to ``kernel_ops.csv`` and ``kernel_ops.json`` after every triple, under
+benchmarks/results/local/<device>/ (``--commit-results``: benchmarks/results/<device>/; or ``--out``),
+with device, versions, dtype, layout, batch and TF32 setting on every row; a table is printed.
 
     python -m benchmarks.kernel_ops [--backends triton cuda] [--batch 128] [--dtype bfloat16]
                                     [--only s1.conv2 s3.conv1] [--out DIR]
@@ -33,10 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import RESULTS, device_slug, fast_backend_reason
+from preact_fused.shapes import RESNET1001_COUNTS as COUNTS
+from preact_fused.shapes import RESNET1001_TRIPLES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from backend_checks import RESNET1001_TRIPLES  # noqa: E402
+from . import cudnn_peer, mark_invalid, output_dir, write_json_atomic
+from . import fast_backend_reason
 
 BACKENDS = ("triton", "cuda")
 MODULES = {"triton": "preact_fused.triton", "cuda": "preact_fused.cuda"}
@@ -145,13 +149,6 @@ class Triple:
         return nx + ny * (2 if self.with_residual else 1), ny + 2 * nx
 
 
-COUNTS = {  # occurrences of each triple in ResNet-1001 (111 units per stage)
-    "stem": 1, "s1.conv1.first": 1, "s1.conv1": 110, "s1.conv2": 111, "s1.conv3": 111, "s1.shortcut": 1,
-    "s2.conv1.first": 1, "s2.conv2.first": 1, "s2.shortcut": 1, "s2.conv3": 111, "s2.conv1": 110, "s2.conv2": 110,
-    "s3.conv1.first": 1, "s3.conv2.first": 1, "s3.shortcut": 1, "s3.conv3": 111, "s3.conv1": 110, "s3.conv2": 110,
-}
-
-
 def measure(t: Triple, bench) -> dict:
     """Medians (ms) of the backend's ops alone and of the fused forward and backward of triple t."""
     row = {f"{op}_ms": bench(getattr(t, op)) if (op != "bn_backward" or t.with_bn) else 0.0 for op in OPS}
@@ -168,7 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--only", nargs="*", help="triple names to run (default: all)")
     parser.add_argument("--tf32", action="store_true", help="float32: TF32 in Triton and cuDNN (default: exact)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True,
+                        help="time cuDNN's fused patterns (fp16) beside the backends")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results/local/<device>)")
+    parser.add_argument("--commit-results", action="store_true", help="write under benchmarks/results/<device>")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -183,7 +184,10 @@ def main(argv=None) -> int:
             backends[name] = importlib.import_module(MODULES[name])
         else:
             print(f"SKIP {name}: {reason}")
-    if not backends:
+    peer_reason = cudnn_peer.unavailable_reason() if args.cudnn else "--no-cudnn"
+    if peer_reason is not None:
+        print(f"SKIP cudnn: {peer_reason}")
+    if not backends and peer_reason is not None:
         raise SystemExit("no fused backend runs here")
     if "triton" in backends:
         backends["triton"].set_fp32_precision("tf32" if args.tf32 else "ieee")
@@ -201,6 +205,12 @@ def main(argv=None) -> int:
         return triton.testing.do_bench(fn, return_mode="median")
 
     rows = []
+    out = output_dir(args.out, args.commit_results, device)
+    handle = None
+    if peer_reason is None:
+        import cudnn
+        handle = cudnn.create_handle()
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
     print(f"{common['device']}, {args.dtype}, channels_last, batch {args.batch}, copy {bandwidth / 1e9:.0f} GB/s")
     print(f"{'triple':16} {'backend':7} {'fused fwd':>9} {'fused bwd':>9} {'eager fwd':>9} {'eager bwd':>9} "
           f"{'speedup':>7} {'min-bytes':>9} {'x min':>6}   (ms)")
@@ -225,6 +235,9 @@ def main(argv=None) -> int:
                   f"{row['min_bytes_ms']:9.4f} {row['x_min_bytes']:6.2f}", flush=True)
             del t
             torch.cuda.empty_cache()
+        if peer_reason is None:
+            rows.append(peer_row(common, (name, cin, cout, hw, k, stride), args.batch, handle, bench, eager, bandwidth))
+        write_results(out, mark_invalid(rows))   # what is measured so far
 
     totals = network_totals(rows)
     for backend, total in totals.items():
@@ -233,16 +246,8 @@ def main(argv=None) -> int:
               f"{total['x_min_bytes']:.2f}x the minimum-bytes time")
     if "triton" in totals and "cuda" in totals:
         print(f"network: cuda / triton time {totals['cuda']['fused_ms'] / totals['triton']['fused_ms']:.2f}")
-    out = args.out or RESULTS / device_slug(device)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "kernel_ops.csv"
-    new_file = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
+    write_results(out, rows)
+    print(f"wrote {len(rows)} rows to {out / 'kernel_ops.csv'} and kernel_ops.json")
     return 0
 
 
@@ -252,6 +257,8 @@ def network_totals(rows: list[dict]) -> dict:
     totals = {}
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend]
+        if any(r.get("fused_fwd_ms") is None or r.get("invalid") or "eager_fwd_ms" not in r for r in mine):
+            continue   # a triple without a time (cuDNN could not build it) or an invalid backend
 
         def total(key):
             return sum(r[key] * r["count"] for r in mine)
@@ -261,6 +268,50 @@ def network_totals(rows: list[dict]) -> dict:
         totals[backend] = {"fused_ms": fused, "eager_ms": eager, "speedup": eager / fused,
                            "x_min_bytes": fused / total("min_bytes_ms")}
     return totals
+
+
+def peer_row(common: dict, triple, batch: int, handle, bench, eager: dict | None, bandwidth: float) -> dict:
+    """cuDNN's fused forward and backward of one triple, or a row saying why it could not be built."""
+    name, cin, cout, hw, k, stride = triple
+    row = {**common, "triple": name, "backend": "cudnn", "dtype": "float16", "cin": cin, "cout": cout,
+           "hw": hw, "k": k, "stride": stride, "count": COUNTS[name], **(eager or {})}
+    try:
+        peer = cudnn_peer.CudnnTriple(name, cin, cout, hw, k, stride, batch, handle=handle)
+    except Exception as err:   # inputs or the handle: the whole triple fails
+        row["unsupported"] = f"{type(err).__name__}: {err}"
+    else:
+        row["cudnn_patterns"] = "; ".join(f"{s}={p}" for s, p in peer.patterns.items())
+        reason = peer.runnable()
+        if reason is not None:
+            row["unsupported"] = reason
+        else:
+            row["fused_fwd_ms"], row["fused_bwd_ms"] = bench(peer.forward), bench(peer.backward)
+            fwd_bytes = (peer.x.numel() + peer.y.numel() * (2 if peer.with_residual else 1)) * 2
+            bwd_bytes = (peer.dy.numel() + 2 * peer.x.numel()) * 2
+            row["min_bytes_ms"] = (fwd_bytes + bwd_bytes) / bandwidth * 1e3
+            fused = row["fused_fwd_ms"] + row["fused_bwd_ms"]
+            if eager:
+                row["speedup"] = (eager["eager_fwd_ms"] + eager["eager_bwd_ms"]) / fused
+            row["x_min_bytes"] = fused / row["min_bytes_ms"]
+        del peer
+        torch.cuda.empty_cache()
+    if "unsupported" in row:
+        print(f"{name:16} cudnn   cannot build: {row['unsupported'][:150]}", flush=True)
+    else:
+        print(f"{name:16} cudnn   {row['fused_fwd_ms']:9.4f} {row['fused_bwd_ms']:9.4f} (fp16; "
+              f"{row['cudnn_patterns'][:100]})", flush=True)
+    return row
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """kernel_ops.json and kernel_ops.csv (rewritten: a run cut off leaves what it measured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "kernel_ops.json", {"rows": rows})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "kernel_ops.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":

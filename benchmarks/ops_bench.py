@@ -12,7 +12,8 @@ CPU. Shapes are the distinct (Cin, Cout, K, stride, H, W) of the network's tripl
 plain conv, is not one), each with the number of times it occurs; the residual add of a unit's last
 conv is left out. Prints a table (median and quartiles, speed-up over eager, and the sum over the
 network of count x median per provider) and writes ``ops.json`` (this run) and ``ops.csv`` (rows
-appended) under ``benchmarks/results/<device>/`` or ``--out``.
+appended) under ``benchmarks/results/local/<device>/`` (``--commit-results``: ``benchmarks/results/<device>/``)
+or ``--out``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch import nn
 import preact_fused
 from preact_fused.backend import BACKENDS
 
-from . import RESULTS, device_slug, environment, fast_backend_reason
+from . import environment, fast_backend_reason, output_dir
 from .roofline import Conv, conv_layers
 
 CPU_BATCH = 8
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (default 100)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads on CPU (default 1: other work on the machine stalls more than one)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/local/<device>)")
+    p.add_argument("--commit-results", action="store_true", help="write under benchmarks/results/<device>")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for provider in args.providers:
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
     total = totals(rows)
     print(f"all triples of one ResNet-{args.depth} step (sum of count x median): "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in total.items()))
-    out = args.out or RESULTS / device_slug(device)
+    out = output_dir(args.out, args.commit_results, device)
     write_records(out, env, {**vars(args), "out": str(out)}, rows, total)
     return 1 if any("error" in r for r in rows) else 0
 

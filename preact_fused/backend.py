@@ -10,7 +10,6 @@ CUDA device. A backend named explicitly that cannot run is an error.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 
@@ -26,14 +25,18 @@ class BackendUnavailable(RuntimeError):
     """A backend named explicitly cannot run here; the message says why and how to fix it."""
 
 
-_loaded: dict[str, object] = {}
-
-
 def _load(name: str):
-    # Cached: a dict lookup (not an import) on the hot path keeps torch.compile free of graph breaks.
-    module = _loaded.get(name)
-    if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    # Plain import statements, not importlib: torch.compile traces them without a graph break, also
+    # when a compiled model runs before any backend has been loaded (an import of a module already
+    # imported is a lookup in sys.modules).
+    if name == "reference":
+        from . import reference as module
+    elif name == "triton":
+        from . import triton as module
+    elif name == "cuda":
+        from . import cuda as module
+    else:
+        raise KeyError(name)
     return module
 
 

@@ -17,7 +17,8 @@ Tensors
   kernels read it as it is and round each element to the activation dtype on load (the value
   ``weight.to(x.dtype)`` would give). No packing, no cast launch.
 * Statistics summary ``stats``: ``[4, C]`` in the statistics dtype (:func:`stats_dtype`): per channel
-  the element count, a pivot (one of the summarised values), the mean minus the pivot, and M2 (sum
+  the element count, a pivot (one of the summarised values, or 0 if it is not finite), the mean
+  minus the pivot, and M2 (sum
   of squared deviations from the mean). Producers reduce their per-tile summaries inside the
   producing launch (a fixed-order tree: deterministic, no float atomics). Summaries merge with
   :func:`merge_summaries`' formula; the pivot keeps the merged offsets small, so the variance is
@@ -134,7 +135,7 @@ def empty_placeholder(like: torch.Tensor) -> torch.Tensor:
 # ---- the one statistics formula (plain torch: the reference backend and synchronised BN use it) ----
 
 def summarize(rows: torch.Tensor) -> torch.Tensor:
-    """The summary ``[4, C]`` of ``rows [M, C]`` (statistics dtype), pivot = the first row.
+    """The summary ``[4, C]`` of ``rows [M, C]`` (statistics dtype), pivot = the first row where finite (else 0).
 
     Two passes in the statistics dtype: the offset is the mean of ``rows - pivot``, M2 the sum of
     squared deviations from it. M = 0 gives (0, 0, 0, 0).
@@ -142,7 +143,7 @@ def summarize(rows: torch.Tensor) -> torch.Tensor:
     m, c = rows.shape
     if m == 0:
         return rows.new_zeros((4, c))
-    pivot = rows[0]
+    pivot = torch.where(rows[0].isfinite(), rows[0], 0)  # inf and NaN stay in the offset, as in a mean
     shifted = rows - pivot
     offset = shifted.mean(0)
     m2 = ((shifted - offset) ** 2).sum(0)
@@ -152,7 +153,8 @@ def summarize(rows: torch.Tensor) -> torch.Tensor:
 def merge_summaries(summaries: torch.Tensor) -> torch.Tensor:
     """Merge ``[T, 4, C]`` summaries into one ``[4, C]``, in order (Chan et al. with pivots).
 
-    Merging b into a: n = n_a + n_b, delta = (p_b - p_a) + (d_b - d_a), d = d_a + delta n_b / n,
+    Merging b into a: n = n_a + n_b, delta = (p_b - p_a) + (d_b - d_a), d = (n_a d_a + n_b (d_b +
+    (p_b - p_a))) / n (a weighted mean: an infinite offset stays infinite, as in a plain mean),
     M2 = M2_a + M2_b + delta^2 n_a n_b / n; the pivot stays a's. An empty summary is neutral.
     """
     out = summaries[0]
@@ -162,7 +164,8 @@ def merge_summaries(summaries: torch.Tensor) -> torch.Tensor:
         n = n_a + n_b
         delta = (p_b - p_a) + (d_b - d_a)
         frac = n_b / n.clamp_min(1)
-        merged = torch.stack([n, p_a, d_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac])
+        offset = (n_a * d_a + n_b * (d_b + (p_b - p_a))) / n.clamp_min(1)
+        merged = torch.stack([n, p_a, offset, m2_a + m2_b + delta * delta * n_a * frac])
         out = torch.where(n_a > 0, torch.where(n_b > 0, merged, out), nxt)
     return out
 

@@ -34,7 +34,7 @@ from . import distributed as _dist
 from .batchnorm import batch_stats, fold_args, uses_batch_stats
 from .contract import DGAMMA, SUM_G, optional
 from .reference import masked_grad_and_sums, preact
-from .validation import check_batch_stats, check_output_size, conv_geometry
+from .validation import check_batch_stats, conv_geometry, conv_output_size
 
 DOUBLE_BACKWARD = ("preact_fused: double backward (differentiating the gradients of a fused op, as a "
                    "gradient penalty with create_graph=True does) is not supported; use the unfused "
@@ -73,7 +73,8 @@ class Chain:
         object.__setattr__(self, "geometry", tuple(conv_geometry(conv) for conv in convs))
 
     def parameters(self) -> list[torch.Tensor]:
-        """The parameters the chain differentiates, in a fixed order (the Function's inputs)."""
+        """The parameters the chain differentiates, in a fixed order (the Function's inputs; read
+        once per call, so a weight computed by a parametrisation is computed once)."""
         params = []
         for bn, conv in self.triples:
             params.append(conv.weight)
@@ -89,6 +90,18 @@ class UsedFold(NamedTuple):
     mode: tuple | None
 
 
+def _split(chain: Chain, params) -> tuple[list[tuple], list]:
+    """``params`` (in ``Chain.parameters`` order) as [(weight, gamma, beta) per triple], [sibling weights]."""
+    it = iter(params)
+    triples = []
+    for bn, _ in chain.triples:
+        weight = next(it)
+        gamma = next(it) if bn is not None and bn.weight is not None else None
+        beta = next(it) if bn is not None and bn.bias is not None else None
+        triples.append((weight, gamma, beta))
+    return triples, list(it)
+
+
 def _cast_like(grad, param):
     return None if grad is None else grad.to(param.dtype)
 
@@ -99,11 +112,12 @@ class FusedChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: Chain, ops, x, stats, want_stats, given, used, *params):
         triples, n = chain.triples, len(chain.triples)
+        triple_params, sibling_weights = _split(chain, params)
         inputs, folds, modes = [], [], []
         h, siblings_out = x, []
         for i, (bn, conv) in enumerate(triples):
             stride, padding = chain.geometry[i]
-            check_output_size(h, conv, stride, padding)
+            conv_output_size(h.shape[2], h.shape[3], conv.kernel_size, stride, padding)
             if bn is None:
                 bn_kwargs, mode = {}, None
             elif given is not None:
@@ -112,7 +126,9 @@ class FusedChain(torch.autograd.Function):
                 if uses_batch_stats(bn):
                     check_batch_stats(h)
                 statistics = batch_stats(bn, h, stats, ops)
-                bn_kwargs, mode = fold_args(bn, statistics, update=True), (uses_batch_stats(bn), statistics.sync)
+                bn_kwargs = fold_args(bn, statistics, update=True)
+                bn_kwargs.update(gamma=triple_params[i][1], beta=triple_params[i][2])
+                mode = (uses_batch_stats(bn), statistics.sync)
             last = i == n - 1
             if last:
                 want = want_stats
@@ -124,7 +140,7 @@ class FusedChain(torch.autograd.Function):
                 residual = x
             elif last and chain.residual == "sibling":
                 residual = siblings_out[0]
-            y, stats, fold = ops.conv_fwd(h, conv.weight, stride, padding, **bn_kwargs, residual=residual,
+            y, stats, fold = ops.conv_fwd(h, triple_params[i][0], stride, padding, **bn_kwargs, residual=residual,
                                           want_stats=want)
             fold = bn_kwargs.get("fold", fold)
             inputs.append(h)
@@ -134,9 +150,9 @@ class FusedChain(torch.autograd.Function):
             if i == 0:
                 for j, sibling in enumerate(chain.siblings):
                     s_stride, s_padding = chain.geometry[n + j]
-                    siblings_out.append(ops.conv_fwd(x, sibling.weight, s_stride, s_padding, fold=fold)[0])
+                    siblings_out.append(ops.conv_fwd(x, sibling_weights[j], s_stride, s_padding, fold=fold)[0])
             h = y
-        ctx.save_for_backward(*inputs, *[f for f in folds if f is not None])
+        ctx.save_for_backward(*inputs, *[f for f in folds if f is not None], *params)
         ctx.chain, ctx.ops, ctx.modes = chain, ops, modes
         ctx.has_fold = [f is not None for f in folds]
         ctx.set_materialize_grads(False)
@@ -156,8 +172,10 @@ def _chain_backward(ctx, dy, d_siblings):
     chain, ops = ctx.chain, ctx.ops
     n = len(chain.triples)
     saved = ctx.saved_tensors
-    inputs, fold_iter = saved[:n], iter(saved[n:])
+    n_folds = sum(ctx.has_fold)
+    inputs, fold_iter = saved[:n], iter(saved[n:n + n_folds])
     folds = [next(fold_iter) if has else None for has in ctx.has_fold]
+    triple_params, sibling_weights = _split(chain, saved[n + n_folds:])
     needs = iter(ctx.needs_input_grad[7:])
     needs_params = []
     for bn, conv in chain.triples:
@@ -178,17 +196,18 @@ def _chain_backward(ctx, dy, d_siblings):
     for i in reversed(range(n)):
         bn, conv = chain.triples[i]
         h, fold = inputs[i], folds[i]
+        weight = triple_params[i][0]
         stride, padding = chain.geometry[i]
         if d is None:
             continue
         upstream = i > 0 or needs_x or needs_params[i].get("gamma") or needs_params[i].get("beta") \
             or (i == 0 and any(needs_siblings))
         if needs_params[i]["w"]:
-            grads[i]["w"] = ops.conv_wgrad(h, d, tuple(conv.weight.shape), stride, padding, fold)
+            grads[i]["w"] = ops.conv_wgrad(h, d, tuple(weight.shape), stride, padding, fold)
         if not upstream:
             d = None
             continue
-        g, sums = ops.conv_dgrad(d, conv.weight, h, stride, padding, fold)
+        g, sums = ops.conv_dgrad(d, weight, h, stride, padding, fold)
         if bn is None:
             d = g if i > 0 or chain.residual != "input" else g + dy
             continue
@@ -200,9 +219,9 @@ def _chain_backward(ctx, dy, d_siblings):
                     continue
                 s_stride, s_padding = chain.geometry[n + j]
                 if needs_siblings[j]:
-                    sibling_dw[j] = ops.conv_wgrad(h, d_siblings[j], tuple(sibling.weight.shape), s_stride,
+                    sibling_dw[j] = ops.conv_wgrad(h, d_siblings[j], tuple(sibling_weights[j].shape), s_stride,
                                                    s_padding, fold)
-                pairs.append(ops.conv_dgrad(d_siblings[j], sibling.weight, h, s_stride, s_padding, fold))
+                pairs.append(ops.conv_dgrad(d_siblings[j], sibling_weights[j], h, s_stride, s_padding, fold))
         training, sync = ctx.modes[i]
         d_residual = dy if (i == 0 and chain.residual == "input") else None
         for g_part, sums_part in reversed(pairs):
@@ -216,14 +235,13 @@ def _chain_backward(ctx, dy, d_siblings):
     dx = d if needs_x else None
 
     out = [dx, None, None, None, None]
-    for (bn, conv), need, grad in zip(chain.triples, needs_params, grads):
-        out.append(_cast_like(grad.get("w"), conv.weight) if need["w"] else None)
-        if bn is not None:
-            if bn.weight is not None:
-                out.append(_cast_like(grad.get("gamma"), bn.weight) if need["gamma"] else None)
-            if bn.bias is not None:
-                out.append(_cast_like(grad.get("beta"), bn.bias) if need["beta"] else None)
-    out += [_cast_like(dw, s.weight) for dw, s in zip(sibling_dw, chain.siblings)]
+    for (weight, gamma, beta), need, grad in zip(triple_params, needs_params, grads):
+        out.append(_cast_like(grad.get("w"), weight) if need["w"] else None)
+        if gamma is not None:
+            out.append(_cast_like(grad.get("gamma"), gamma) if need["gamma"] else None)
+        if beta is not None:
+            out.append(_cast_like(grad.get("beta"), beta) if need["beta"] else None)
+    out += [_cast_like(dw, w) for dw, w in zip(sibling_dw, sibling_weights)]
     return tuple(out)
 
 
@@ -337,11 +355,3 @@ def recompute(run, x, stats, params):
 
 
 
-
-def bn_relu_convs(x, bn: nn.BatchNorm2d, convs, ops) -> list[torch.Tensor]:
-    """[conv(relu(bn(x))) for conv in convs]: one statistics pass and running-stat update for the BN,
-    the convs' biases added after the fused ops. x: [N, C, H, W]."""
-    chain = Chain(((bn, convs[0]),), tuple(convs[1:]))
-    y, _, others, _ = run_chain(chain, x, None, ops)
-    return [out if conv.bias is None else out + conv.bias.to(out.dtype)[:, None, None]
-            for out, conv in zip([y, *others], convs)]

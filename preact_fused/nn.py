@@ -34,20 +34,24 @@ def check_memory_mode(memory: str) -> str:
 class BNReLUConv2d(nn.Module):
     """conv(relu(bn(x))) in one fused op; numerically ``nn.Sequential(bn, nn.ReLU(), conv)``.
 
-    Input [N, Cin, H, W] (NCHW or channels_last, kept); output [N, Cout, Ho, Wo]. Saves only x for
-    backward (not relu(bn(x))). state_dict keys: ``bn.*``, ``conv.*``.
+    Takes nn.Conv2d's arguments (``bias`` defaults to False) and, as keywords, nn.BatchNorm2d's (of
+    ``in_channels`` features) and ``backend``. Convolutions the fused op does not implement (groups,
+    dilation, a padding mode other than zeros, unequal strides or paddings) are refused with a
+    ValueError naming them. Input [N, Cin, H, W] (NCHW or channels_last, kept); output
+    [N, Cout, Ho, Wo]. Saves only x for backward (not relu(bn(x))). state_dict keys: ``bn.*``, ``conv.*``.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False,
-                 eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, backend="auto",
-                 device=None, dtype=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, padding_mode="zeros", *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, backend="auto"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias, padding_mode=padding_mode, **factory)
+        conv_geometry(conv)
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats, **factory)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                              bias=bias, **factory)
-        conv_geometry(self.conv)
+        self.conv = conv
         self.backend = backend
 
     @classmethod
@@ -64,7 +68,7 @@ class BNReLUConv2d(nn.Module):
         self.conv.reset_parameters()
 
     def forward(self, x):
-        check_input(x, self.conv)
+        check_input(x, self.conv, batch_stats=uses_batch_stats(self.bn))
         if x.numel() == 0:
             return self.conv(F.relu(self.bn(x)))
         y = run_chain(Chain(((self.bn, self.conv),)), x, None, resolve(self.backend, x.device))[0]

@@ -43,13 +43,17 @@ from torch import nn
 from . import backend as _backend
 from . import data as _data
 from . import distributed as _dist
+from .graphs import GraphedStep, graph_unsupported_reason
 from .memory import count_saved_bytes
 from .models import preact_resnet
 from .nn import MEMORY_MODES
+from .runs import Progress, largest_batch
 
 CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
               "images_per_second", "peak_memory_gib")
 PROG = "python -m preact_fused.train"
+CHECKPOINT_KEYS = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "global_step", "meters",
+                   "rng", "args")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end this run after STEPS steps, with a checkpoint (0: train to the end)")
     g.add_argument("--eval-batch-size", type=int, default=500)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each training step (forward, backward, SGD) as one CUDA graph after 3 "
+                   "eager steps and replay it (one GPU, --amp none or bf16; recaptured when the "
+                   "learning rate changes)")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="OUT/curves.png")
 
     g = parser.add_argument_group("memory figures (print and exit)")
@@ -128,15 +136,70 @@ def check_args(args, parser) -> None:
         parser.error("give --data DIR (the CIFAR python batches) or --synthetic")
     if args.synthetic and args.data:
         parser.error("--synthetic and --data exclude each other")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    minimums = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "num_classes": 2, "train_subset": 0,
+                "test_subset": 0, "warmup_steps": 0, "threads": 0, "save_every": 0, "stop_after": 0}
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    positive = {"lr": True, "momentum": False, "weight_decay": False, "warmup_lr": False, "memory_budget": True}
+    for name, strictly in positive.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if strictly else value >= 0)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number {'>' if strictly else '>='} 0, "
+                         f"got {value}")
+    check_device(args.device, parser)
     if args.warmup_steps is None:
         args.warmup_steps = 400 if args.depth >= 110 else 0
     if any(not 0 < m < 1 for m in args.milestones):
         parser.error("--milestones are fractions of training, between 0 and 1")
     if args.out is None:
         args.out = f"runs/preact_resnet{args.depth}"
+
+
+def check_device(name: str, parser) -> None:
+    """parser.error unless ``name`` is auto, cpu or a CUDA device torch can see."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device: give auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name!r}: training runs on cpu or cuda")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            parser.error(f"--device {name}: torch sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            parser.error(f"--device {name}: torch sees {count} CUDA device(s)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, not written by this trainer, or of another model."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before writing anything more."""
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_checkpoint(path) -> dict:
+    """The state saved by ``Trainer.save`` at ``path``; CheckpointError if unreadable or foreign."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (any failure of the unpickler means an unreadable file)
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_one_line(err)})") from err
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing or state["format"] != 1 or not isinstance(state["args"], dict):
+        raise CheckpointError(f"{path} is not a checkpoint of {PROG}"
+                              + (f" (missing {', '.join(missing)})" if missing else " (unknown format)"))
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,29 +284,6 @@ def _as_python_random_state(state):
     return state
 
 
-class _Progress:
-    """tqdm when available (and wanted), else nothing but the per-epoch lines."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
-
-    def update(self, postfix=None):
-        if self.bar is not None:
-            self.bar.update()
-            if postfix is not None:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     """Model, optimizer, schedule and data order of one run; checkpoints that resume it exactly."""
 
@@ -285,6 +325,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.graphed = None
+        if getattr(args, "cuda_graphs", False):
+            reason = graph_unsupported_reason(device)
+            if reason is None and self.scaler is not None:
+                reason = "the fp16 GradScaler synchronises with the host every step (use --amp bf16)"
+            if reason is None and info.distributed:
+                reason = "not with several ranks (gradient all-reduce outside the graph)"
+            if reason is not None:
+                raise ValueError(f"--cuda-graphs: {reason}")
+            self.graphed = GraphedStep(self._graph_loss, self.optimizer, warmup=3)
+            self._graph_logits = None
         self.out = Path(args.out)
         self.epoch = 0          # epochs completed
         self.step = 0           # steps completed in the current epoch
@@ -324,7 +375,29 @@ class Trainer:
         images = _data.augment(self.data.train_images[index], offsets[pos], flips[pos])
         return self._inputs(images), self.data.train_labels[index]
 
+    def _graph_loss(self, x, target) -> torch.Tensor:
+        """The step's loss for ``GraphedStep``; its logits are kept for the meters (under capture:
+        the graph's static logits, which every replay rewrites)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None, cache_enabled=False):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, target)
+        self._graph_logits = logits
+        return loss
+
+    def _graphed_train_step(self, x, target) -> torch.Tensor:
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        loss = self.graphed(x, target)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.loss_sum += loss.double() * target.shape[0]
+            self.correct += (self._graph_logits.argmax(1) == target).sum()
+            self.seen += target.shape[0]
+        return loss
+
     def train_step(self, x, target) -> torch.Tensor:
+        if self.graphed is not None:
+            return self._graphed_train_step(x, target)
         with self.autocast():
             logits = self.model(x)
             loss = F.cross_entropy(logits, target)
@@ -385,7 +458,9 @@ class Trainer:
         }
 
     def save(self, path: Path | None = None) -> Path:
-        """Write the checkpoint (rank 0; every rank must call this). Atomic: never a half-written file."""
+        """Write the checkpoint (rank 0; every rank must call this). Atomic: never a half-written file;
+        never one after a non-finite loss (NonFiniteLoss instead)."""
+        self.check_loss()
         path = Path(path or self.out / "checkpoint.pt")
         state = self.state_dict()
         if self.info.is_main:
@@ -396,17 +471,24 @@ class Trainer:
         return path
 
     def load(self, path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Continue from the checkpoint at ``path`` (CheckpointError if it cannot be resumed here)."""
+        state = read_checkpoint(path)
         different = [k for k in ("depth", "block", "batch_size", "epochs", "lr", "seed", "dataset", "fused")
                      if state["args"].get(k) != getattr(self.args, k)]
         if different and self.info.is_main:
             warnings.warn(f"resuming {path} with different settings ({', '.join(different)}): the run will "
                           "not continue exactly as it would have", RuntimeWarning, stacklevel=2)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            saved = state["args"]
+            raise CheckpointError(
+                f"{path} holds another model or optimizer (depth {saved.get('depth')}, block {saved.get('block')}; "
+                f"this run: depth {self.args.depth}, block {self.args.block}): {_one_line(err)}") from err
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self._reset_meters()
         if self.info.is_main:  # the summed meters, counted once
@@ -417,6 +499,13 @@ class Trainer:
         rng = dict(state["rng"])
         rng["python"] = _as_python_random_state(rng["python"])
         _set_rng_state(rng, self.device)
+
+    def check_loss(self) -> None:
+        """NonFiniteLoss if a training loss of the epoch so far was NaN or infinite (every rank calls this)."""
+        total = _dist.all_reduce_sum(self.loss_sum).item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"the training loss became {total} by epoch {self.epoch + 1}, step {self.step} "
+                                f"(lr {self.last_lr:.3g}): stopped; nothing was written after it (lower --lr?)")
 
     # --- the loop
 
@@ -430,8 +519,8 @@ class Trainer:
         steps_this_run = 0
         while self.epoch < args.epochs:
             plan = self.epoch_plan(self.epoch)
-            bar = _Progress(main and args.progress, self.steps_per_epoch, self.step,
-                            f"epoch {self.epoch + 1}/{args.epochs}")
+            bar = Progress(self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{args.epochs}",
+                           initial=self.step, bar=main and args.progress, leave=False)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             start, first_step = time.perf_counter(), self.step
@@ -441,6 +530,8 @@ class Trainer:
                 self.global_step += 1
                 steps_this_run += 1
                 shown = self.step % 20 == 0 or self.step == self.steps_per_epoch
+                if shown:
+                    self.check_loss()
                 bar.update({"loss": f"{loss.item():.3f}", "lr": f"{self.last_lr:.3g}"}
                            if shown and bar.bar is not None else None)
                 if args.save_every and self.global_step % args.save_every == 0:
@@ -544,22 +635,6 @@ def plot_log(csv_path: Path, png_path: Path) -> bool:
 # Memory figures
 
 
-def largest_batch(fits, start: int = 64, limit: int = 1 << 16, resolution: int = 8) -> int:
-    """The largest batch for which ``fits(batch)`` holds (0 if none): doubling, then bisection."""
-    lo, hi, batch = 0, None, start
-    while hi is None:
-        if fits(batch):
-            lo, batch = batch, batch * 2
-            if batch > limit:
-                return lo
-        else:
-            hi = batch
-    while hi - lo > resolution:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
 def _probe(model, device, dtype, num_classes: int):
     """fits(batch): one SGD training step of ``model`` at that batch runs without running out of memory."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-9, momentum=0.9)
@@ -617,7 +692,8 @@ def measure_memory(args, device: torch.device) -> list[dict]:
                        "estimated_max_batch": max(0, math.floor((budget - state_bytes - fixed) / per_image)),
                        "budget_gib": budget / 2 ** 30}
                 if args.probe_max_batch and device.type == "cuda":
-                    row["measured_max_batch"] = largest_batch(_probe(model, device, dtype, args.num_classes))
+                    row["measured_max_batch"] = largest_batch(_probe(model, device, dtype, args.num_classes),
+                                                              start=64, resolution=8)
                 rows.append(row)
         del model
     return rows
@@ -654,22 +730,32 @@ def main(argv=None) -> int:
             data = load_dataset(args, info.device)
             trainer = Trainer(args, info, data)
         except (FileNotFoundError, ValueError) as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            return 2
+            return _fail(err)
         if args.resume:
             path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
             if not path.is_file():
-                print(f"{PROG}: error: no checkpoint to resume at {path}", file=sys.stderr)
-                return 2
-            trainer.load(path)
+                return _fail(f"no checkpoint to resume at {path}")
+            try:
+                trainer.load(path)
+            except CheckpointError as err:
+                return _fail(err)
         if info.is_main:
             print(trainer.describe(), flush=True)
             if args.resume:
                 print(f"resumed at epoch {trainer.epoch + 1}, step {trainer.step}", flush=True)
-        trainer.fit()
+        try:
+            trainer.fit()
+        except NonFiniteLoss as err:
+            return _fail(err, status=1)
         return 0
     finally:
         _dist.teardown()
+
+
+def _fail(message, status: int = 2) -> int:
+    """Print ``message`` as one error line (argparse's style) and return the exit status."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from preact_fused import contract
 from preact_fused.contract import COUNT, INVSTD, M2, MEAN, OFFSET, PIVOT, SCALE, SHIFT, stats_dtype
+from preact_fused.shapes import RESNET1001_TRIPLES  # noqa: F401 (every ResNet-1001 triple)
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 2e-3}
 STATS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -69,30 +70,6 @@ BN_MODES = ("update", "update_cumulative", "stats", "fold", "running", "none")
 # A tensor with many statistics tiles (18,432 rows), so the in-launch reduction of every backend has
 # several groups and a partial last one, and 9 channels that leave a partial channel block.
 MANY_TILES = (2, 9, 96, 96)
-
-# Every distinct BN-ReLU-conv triple of the CIFAR ResNet-1001 (bottleneck units, widths 16/32/64 x4,
-# 32x32 inputs): (name, Cin, Cout, input H=W, kernel, stride).
-RESNET1001_TRIPLES = [
-    ("stem", 3, 16, 32, 3, 1),
-    ("s1.conv1.first", 16, 16, 32, 1, 1),
-    ("s1.conv1", 64, 16, 32, 1, 1),
-    ("s1.conv2", 16, 16, 32, 3, 1),
-    ("s1.conv3", 16, 64, 32, 1, 1),
-    ("s1.shortcut", 16, 64, 32, 1, 1),
-    ("s2.conv1.first", 64, 32, 32, 1, 1),
-    ("s2.conv2.first", 32, 32, 32, 3, 2),
-    ("s2.shortcut", 64, 128, 32, 1, 2),
-    ("s2.conv3", 32, 128, 16, 1, 1),
-    ("s2.conv1", 128, 32, 16, 1, 1),
-    ("s2.conv2", 32, 32, 16, 3, 1),
-    ("s3.conv1.first", 128, 64, 16, 1, 1),
-    ("s3.conv2.first", 64, 64, 16, 3, 2),
-    ("s3.shortcut", 128, 256, 16, 1, 2),
-    ("s3.conv3", 64, 256, 8, 1, 1),
-    ("s3.conv1", 256, 64, 8, 1, 1),
-    ("s3.conv2", 64, 64, 8, 3, 1),
-]
-
 
 def resnet1001_case(triple, batch: int) -> ConvCase:
     """The ConvCase of a RESNET1001_TRIPLES entry at ``batch``."""

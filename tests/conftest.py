@@ -3,8 +3,12 @@
 * Without a GPU, Triton kernels run under the CPU interpreter: ``TRITON_INTERPRET=1`` must be set
   before triton is first imported by any test module, so it is set here, at collection start.
 * Marker ``cuda``: the test needs a GPU and is skipped cleanly without one (still collected).
+* ``emulated_build`` / ``emu``: the CUDA kernels of csrc/ compiled for the CPU against the emulator
+  of csrc/emulate/, once per test session (a process can register the library only once);
+  ``fused_backend``: each backend's name for the modules' ``backend=``, the cuda one emulated on CPU.
 """
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +16,12 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import preact_fused.cuda as cuda_backend  # noqa: E402 (after TRITON_INTERPRET)
+from preact_fused import backend as backends  # noqa: E402
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
 @pytest.fixture
@@ -41,14 +51,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-
-
 @pytest.fixture(scope="session")
 def emulated_build(tmp_path_factory):
-    """csrc/ compiled with the host compiler against the emulator of csrc/emulate/: the CUDA
-    kernels' unchanged sources as ops ``torch.ops.preact_fused_emu.*`` on CPU tensors."""
-    import shutil
+    """torch.ops.preact_fused_emu: csrc/ built with the host compiler against csrc/emulate/."""
     if not os.path.isdir(os.path.join(CSRC, "emulate")):
         pytest.skip("csrc/ is not beside the tests")
     if shutil.which("c++") is None:
@@ -65,8 +70,23 @@ def emulated_build(tmp_path_factory):
 
 
 @pytest.fixture
-def emulated_cuda(emulated_build, monkeypatch):
-    """preact_fused.cuda's functions running the emulated kernels on CPU tensors."""
-    from preact_fused import cuda as cuda_backend
+def emu(emulated_build, monkeypatch):
+    """preact_fused.cuda's wrappers running the emulated kernels on CPU tensors."""
     monkeypatch.setattr(cuda_backend, "_ops", lambda: emulated_build)
     return cuda_backend
+
+
+@pytest.fixture(params=backends.BACKENDS, ids=lambda name: f"{name}_backend")
+def fused_backend(request):
+    """A backend name the fused modules can run on DEVICE; without a GPU, "cuda" runs the emulated
+    kernels on CPU tensors (``emu``, and the backend reported available on the CPU)."""
+    name = request.param
+    if name == "cuda" and not HAS_GPU:
+        request.getfixturevalue("emu")
+        request.getfixturevalue("monkeypatch").setattr(cuda_backend, "unavailable_reason", lambda device: None)
+    backends.reset()  # the resolved backends depend on what the fixture patched
+    request.addfinalizer(backends.reset)
+    reason = backends.unavailable_reason(name, torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+    return name

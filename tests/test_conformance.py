@@ -55,7 +55,7 @@ def backend(request, exact_cudnn):
         if reason is not None:
             pytest.skip(reason)
         return Backend(name, ops, "cuda", [F32, BF16, F16], [F32, BF16, F16])
-    return Backend("cuda-emulated", request.getfixturevalue("emulated_cuda"), "cpu", [F32, BF16, F16],
+    return Backend("cuda-emulated", request.getfixturevalue("emu"), "cpu", [F32, BF16, F16],
                    [F32, BF16, F16])
 
 

@@ -196,29 +196,6 @@ EMU_RESNET_CASES = [ConvCase(2, 3, 16, 32, 32, 3, 1), ConvCase(2, 16, 16, 32, 32
                     ConvCase(2, 64, 256, 8, 8, 1, 1)]
 
 
-@pytest.fixture(scope="module")
-def emulated_build(tmp_path_factory):
-    if not os.path.isdir(os.path.join(CSRC, "emulate")):
-        pytest.skip("csrc/ is not beside the tests")
-    if shutil.which("c++") is None:
-        pytest.skip("no host C++ compiler")
-    from torch.utils.cpp_extension import load
-    load(name="preact_fused_emu",
-         sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "emulate", "kernels.cpp")],
-         extra_include_paths=[os.path.join(CSRC, "emulate"), CSRC],
-         extra_cflags=["-DPF_EMULATE", "-O1", "-ffp-contract=off"],
-         build_directory=str(tmp_path_factory.mktemp("emulated_build")), is_python_module=False, with_cuda=False)
-    cuda_backend._register_python_side("preact_fused_emu")
-    return torch.ops.preact_fused_emu
-
-
-@pytest.fixture
-def emu(emulated_build, monkeypatch):
-    """preact_fused.cuda's wrappers running the emulated kernels on CPU tensors."""
-    monkeypatch.setattr(cuda_backend, "_ops", lambda: emulated_build)
-    return cuda_backend
-
-
 @pytest.mark.slow
 def test_emulated_bad_geometry_is_a_clear_error(emu):
     """The bindings refuse what the kernels cannot index, before any launch."""

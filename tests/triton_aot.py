@@ -75,7 +75,7 @@ def resnet1001_launches(dtype_name: str, batch: int):
     from preact_fused.triton import bn_grad, conv, stats
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from backend_checks import RESNET1001_TRIPLES
+    from preact_fused.shapes import RESNET1001_TRIPLES
 
     dtype = torch.float32 if dtype_name.startswith("float32") else getattr(torch, dtype_name)
     tf32 = dtype_name == "float32-tf32"

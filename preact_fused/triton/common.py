@@ -245,10 +245,11 @@ def source_offset(n, oh, ow, kh, kw, row_ok, SH, SW, s_n, s_h, s_w, STRIDE: tl.c
 @triton.jit
 def tile_summary(v, valid, count):
     """(count, pivot, offset, M2) per column of the valid rows of v [R, BC] (contract.summarize):
-    pivot = the first row (row 0 must be valid unless count is 0), two passes in registers.
+    pivot = the first row if finite, else 0 (row 0 must be valid unless count is 0), two passes in registers.
     valid: [R, 1] or [R, BC]; count: the number of valid rows (a scalar)."""
     first = tl.arange(0, v.shape[0])[:, None] == 0
     pivot = tl.sum(tl.where(first & valid, v, 0.0), axis=0)
+    pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)  # a finite pivot: inf/NaN stay in the offset
     shifted = v - pivot[None, :]
     n = tl.zeros_like(pivot) + count.to(tl.float32)
     offset = tl.div_rn(tl.sum(tl.where(valid, shifted, 0.0), axis=0), tl.maximum(n, 1.0))
@@ -263,7 +264,7 @@ def _combine(n_a, p_a, d_a, m_a, n_b, p_b, d_b, m_b, KIND: tl.constexpr):
         n = n_a + n_b
         delta = (p_b - p_a) + (d_b - d_a)
         frac = tl.div_rn(n_b, tl.maximum(n, 1.0))
-        d = d_a + delta * frac
+        d = tl.div_rn(d_a * n_a + (d_b + (p_b - p_a)) * n_b, tl.maximum(n, 1.0))
         m = m_a + m_b + delta * delta * n_a * frac
         a_empty = n_a == 0
         b_empty = n_b == 0

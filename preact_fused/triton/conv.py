@@ -400,13 +400,23 @@ def _reduction_space(m: int, cols: int, planes: int, device, dummy):
     return ws, semaphores(device, col_blocks * (groups + 1))
 
 
+# Rows (pixels) are indexed in int32 inside the conv kernels (int64 coordinates spill registers);
+# a tile past the last row must still fit.
+MAX_ROWS = 2**31 - 2**16
+
+
+def check_rows(rows: int, what: str) -> None:
+    """A clear error for a problem whose pixel rows the int32 indices of the conv kernels cannot reach."""
+    if rows >= MAX_ROWS:
+        raise ValueError(f"{what}: {rows} rows (N*H*W pixels); the Triton conv kernels index rows in int32 "
+                         f"(fewer than 2^31 - 2^16): split the batch")
+
+
 def _run_conv(a, weight, out, aux, bn, rows_shape, src_hw, k_ch, n_out, stride, padding, tf32, *,
               fold_out, ws, sem, red, transposed, has_residual, want_stats, bn_mask, config):
     n, oh, ow = rows_shape
     m = n * oh * ow
-    if m >= 2**31 - 2**16:
-        raise ValueError(f"{m} rows (N*H*W pixels); the Triton conv kernel indexes rows in int32 "
-                         f"(at most 2^31 - 2^16)")
+    check_rows(m, "conv")
     dummy = sem  # stands in for pointers a configuration does not dereference
     args = dict(
         a_ptr=_nonempty(a, dummy), **dict(zip(("sa_n", "sa_c", "sa_h", "sa_w"), strides4(a))),
@@ -506,9 +516,7 @@ def conv_wgrad(x, dy, weight_shape, stride, padding, fold=None, tf32=False, conf
     ho, wo = dy.shape[2], dy.shape[3]
     device = x.device
     pixels = n * ho * wo
-    if pixels >= 2**31 - 2**16:
-        raise ValueError(f"conv_wgrad: {pixels} output pixels; the Triton kernel indexes pixels in int32 "
-                         f"(at most 2^31 - 2^16)")
+    check_rows(pixels, "conv_wgrad")
     tiles = kh * kw * triton.cdiv(cin, _fitted_block(cin)) * triton.cdiv(cout, _fitted_block(cout))
     chunk, splits = _wgrad_split(pixels, tiles, device)
     dw = torch.empty((cout, cin, kh, kw), dtype=torch.float32, device=device)

@@ -110,6 +110,8 @@ def conv_fwd(x, weight, stride: int, padding: int, stats=None, fold=None, gamma=
              momentum: float | None = 0.1, update_running: bool = False, residual=None, want_stats: bool = False):
     """(y, stats of y or None, fold computed here or None): y = conv2d(P(x), weight) [+ residual]."""
     check_activation(x, "x")
+    n, _, ho, wo = contract.conv_output_shape(x.shape, weight.shape, stride, padding)
+    _conv.check_rows(n * ho * wo, "conv_fwd")
     y, y_stats, new_fold = _ops.conv_fwd(x, weight, stride, padding, stats, fold, gamma, beta, running_mean,
                                          running_var, num_batches_tracked, eps, momentum, update_running,
                                          residual, want_stats)
@@ -132,6 +134,7 @@ def bn_fold(stats=None, gamma=None, beta=None, running_mean=None, running_var=No
 def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
     """(g, sums [3, Cin]) with ``fold``, else (dx, None): the gradient through the convolution."""
     check_activation(dy, "dy")
+    _conv.check_rows(x.shape[0] * x.shape[2] * x.shape[3], "conv_dgrad")
     g, sums = _ops.conv_dgrad(dy, weight, x, stride, padding, fold)
     return contract.keep_format(g, dy), contract.optional(sums)
 
@@ -139,6 +142,7 @@ def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
 def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, fold=None):
     """dW [Cout, Cin, KH, KW] fp32 = sum over output positions of P(x) (x) dy."""
     check_activation(x, "x")
+    _conv.check_rows(dy.shape[0] * dy.shape[2] * dy.shape[3], "conv_wgrad")
     return _ops.conv_wgrad(x, dy, [int(v) for v in weight_shape], stride, padding, fold)
 
 
