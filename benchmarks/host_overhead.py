@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 import preact_fused
 from preact_fused import backend as _backend
+from preact_fused import contract
 
 from . import RESULTS, environment, summarize
 
@@ -95,12 +96,11 @@ def _enabled(backend: str, device: torch.device):
             from .launches import EMULATED_NAMESPACE, build_emulated_cuda
             ops, _ = build_emulated_cuda()
             if not _has_fake(f"{EMULATED_NAMESPACE}::conv_fwd"):
-                cuda_backend._register_python_side(EMULATED_NAMESPACE)
+                contract.register_fakes(EMULATED_NAMESPACE)
             saved.append((cuda_backend, "_ops", cuda_backend._ops))
             cuda_backend._ops = lambda: ops
     elif backend == "triton":
-        missing = [n for n in ("conv_fwd", "bn_stats", "bn_finalize", "conv_dgrad", "conv_wgrad", "bn_backward")
-                   if not _has_fake(f"preact_fused_triton::{n}")]
+        missing = [n for n in contract.OPS if not _has_fake(f"preact_fused_triton::{n}")]
         if missing:
             raise RuntimeError(f"no fake (meta) implementation for preact_fused_triton::{', '.join(missing)}")
     module.unavailable_reason = lambda device: None if torch.device(device).type == "meta" else original(device)

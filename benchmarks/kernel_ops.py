@@ -3,14 +3,13 @@
 For every distinct triple of the CIFAR ResNet-1001 (preact_fused/shapes.py, RESNET1001_TRIPLES),
 channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench``) of
 
-  fused forward   bn_finalize of the input's partials + conv_fwd (BN-ReLU loader; residual and
-                  statistics epilogue where the network has them)
+  fused forward   conv_fwd folding the input's statistics in its loader (running-stat update;
+                  residual and statistics epilogue where the network has them): one launch
   fused backward  conv_dgrad (ReLU mask + BN sums) + bn_backward + conv_wgrad
   eager forward   F.batch_norm (training) + relu + conv2d [+ residual]
   eager backward  autograd through the same (dx, dw, dgamma, dbeta)
 
-for each fused backend (``triton``, ``cuda``: the six contract functions called directly, no
-autograd), and each of its ops alone; and for cuDNN's own fusion of the triple (``cudnn`` rows,
+for each fused backend (``triton``, ``cuda``: the contract ops called directly, no autograd), and each of its ops alone; and for cuDNN's own fusion of the triple (``cudnn`` rows,
 ``benchmarks/cudnn_peer.py``: the frontend's graph API, fp16 only, whatever ``--dtype``; a pattern
 cuDNN cannot build on this GPU gets a row saying why; ``--no-cudnn`` leaves it out). The minimum-bytes time is the time to move, at the measured
 copy bandwidth (a 1 GiB device-to-device copy), the bytes no implementation can avoid: forward x
@@ -76,49 +75,50 @@ class Triple:
         self.x = act(batch, cin, hw, hw) * 2 + 0.5
         self.dy = act(batch, cout, ho, ho)
         self.residual = act(batch, cout, ho, ho) if self.with_residual else None
-        self.weight = torch.randn(cout, cin, k, k, device=device, dtype=dtype) / k
+        # float32 master weights, as under autocast: the fused kernels round them as they load them
+        self.weight = torch.randn(cout, cin, k, k, device=device) / k
         self.gamma = torch.rand(cin, device=device) + 0.5
         self.beta = torch.randn(cin, device=device)
-        self.running = (torch.zeros(cin, device=device), torch.ones(cin, device=device))
-        self.partials = ops.bn_stats(self.x)
-        self.vectors = ops.bn_finalize(self.partials, self.gamma, self.beta, EPS)
-        mean, invstd, scale, shift = self.vectors
-        self.g, self.sum_g, self.sum_gx = ops.conv_dgrad(self.dy, self.weight, self.x, stride, self.padding,
-                                                         *(scale, shift, mean) if self.with_bn else (None,) * 3)
+        self.running = (torch.zeros(cin, device=device), torch.ones(cin, device=device),
+                        torch.zeros((), dtype=torch.long, device=device))
+        self.stats = ops.bn_stats(self.x)
+        self.fold = ops.bn_fold(self.stats, self.gamma, self.beta, eps=EPS) if self.with_bn else None
+        self.count = self.x.numel() / cin
+        self.g, self.sums = ops.conv_dgrad(self.dy, self.weight, self.x, stride, self.padding, self.fold)
         # Eager: module-like leaves so autograd computes dx, dw, dgamma, dbeta.
         self.eager_x = self.x.detach().clone().requires_grad_()
-        self.eager_w = self.weight.detach().clone().requires_grad_()
+        self.eager_w = self.weight.detach().to(dtype).requires_grad_()
         self.eager_gamma = self.gamma.clone().requires_grad_()  # float32 parameters, as under autocast
         self.eager_beta = self.beta.clone().requires_grad_()
-        self.eager_running = tuple(t.clone() for t in self.running)
+        self.eager_running = tuple(t.clone() for t in self.running[:2])
 
-    # -- fused (the backend's six contracts) ------------------------------------------------------
+    # -- fused (the backend's contract ops) -------------------------------------------------------
     def fused_forward(self):
-        scale = shift = None
+        """The triple's forward as a fused unit runs it: one conv_fwd folding the batch statistics
+        (running-stat update included) and emitting the output's."""
+        bn = {}
         if self.with_bn:
-            _, _, scale, shift = self.ops.bn_finalize(self.partials, self.gamma, self.beta, EPS, *self.running, 0.1)
-        return self.ops.conv_fwd(self.x, self.weight, self.stride, self.padding, scale, shift, self.residual,
-                                 self.want_stats)
+            rm, rv, nbt = self.running
+            bn = dict(stats=self.stats, gamma=self.gamma, beta=self.beta, running_mean=rm, running_var=rv,
+                      num_batches_tracked=nbt, eps=EPS, momentum=0.1, update_running=True)
+        return self.ops.conv_fwd(self.x, self.weight, self.stride, self.padding, **bn, residual=self.residual,
+                                 want_stats=self.want_stats)
 
     def conv_fwd(self):
-        scale, shift = (self.vectors[2], self.vectors[3]) if self.with_bn else (None, None)
-        return self.ops.conv_fwd(self.x, self.weight, self.stride, self.padding, scale, shift, self.residual,
-                                 self.want_stats)
+        """conv_fwd with a given fold (a second conv of one BN)."""
+        return self.ops.conv_fwd(self.x, self.weight, self.stride, self.padding, fold=self.fold,
+                                 residual=self.residual, want_stats=self.want_stats)
 
     def conv_dgrad(self):
-        mean, _, scale, shift = self.vectors
-        bn = (scale, shift, mean) if self.with_bn else (None,) * 3
-        return self.ops.conv_dgrad(self.dy, self.weight, self.x, self.stride, self.padding, *bn)
+        return self.ops.conv_dgrad(self.dy, self.weight, self.x, self.stride, self.padding, self.fold)
 
     def bn_backward(self):
         if not self.with_bn:
             return None
-        mean, invstd, scale, _ = self.vectors
-        return self.ops.bn_backward(self.g, self.x, mean, invstd, scale, self.sum_g, self.sum_gx, True)
+        return self.ops.bn_backward(self.g, self.x, self.fold, self.sums, self.count, True)
 
     def conv_wgrad(self):
-        scale, shift = (self.vectors[2], self.vectors[3]) if self.with_bn else (None, None)
-        return self.ops.conv_wgrad(self.x, self.dy, self.weight.shape, self.stride, self.padding, scale, shift)
+        return self.ops.conv_wgrad(self.x, self.dy, self.weight.shape, self.stride, self.padding, self.fold)
 
     def fused_backward(self):
         self.conv_dgrad()

@@ -2,8 +2,8 @@
 
     python -m benchmarks.smoke --out DIR [--backends cuda triton] [--dtypes bfloat16 float32] [--batch 8]
 
-For every ResNet-1001 triple (preact_fused/shapes.py), each backend's contract ops (bn_stats +
-bn_finalize, conv_fwd with the triple's BN-ReLU loader, residual and statistics, conv_dgrad,
+For every ResNet-1001 triple (preact_fused/shapes.py), each backend's contract ops (bn_stats,
+bn_fold, conv_fwd folding the triple's BN in its loader with residual and statistics, conv_dgrad,
 bn_backward, conv_wgrad) run on random inputs and are compared with the reference backend in
 float64 (the ground truth) and in the same dtype (PyTorch's own path: cuDNN). An output passes when
 its error, max |out - ref64| / max |ref64|, is at most twice PyTorch's own error in that dtype, or
@@ -52,27 +52,29 @@ def triple_outputs(ops, triple, batch: int, dtype, device, seed: int = 0) -> dic
 
     cl = torch.channels_last
     x = rand(batch, cin, hw, hw, scale=2.0, shift=0.5).to(device, dtype).contiguous(memory_format=cl)
-    w = (rand(cout, cin, k, k) / k).to(device, dtype)
+    w = (rand(cout, cin, k, k) / k).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     dy = rand(batch, cout, ho, ho).to(device, dtype).contiguous(memory_format=cl)
     residual = rand(batch, cout, ho, ho).to(device, dtype).contiguous(memory_format=cl) if roles["with_residual"] else None
     vdtype = torch.float64 if dtype == torch.float64 else torch.float32
     gamma = (torch.rand(cin, generator=gen) + 0.5).to(device, vdtype)
     beta = rand(cin).to(device, vdtype)
     out = {}
-    mean, invstd, scale, shift = ops.bn_finalize(ops.bn_stats(x), gamma, beta, EPS)
-    out["bn_finalize.mean"], out["bn_finalize.invstd"] = mean, invstd
-    bn = (scale, shift) if roles["with_bn"] else (None, None)
-    y, partials = ops.conv_fwd(x, w, stride, pad, *bn, residual, roles["want_stats"])
+    stats = ops.bn_stats(x)
+    fold = ops.bn_fold(stats, gamma, beta, eps=EPS)
+    out["bn_stats.mean"], out["bn_stats.var"] = stats[1] + stats[2], stats[3] / stats[0]
+    out["bn_fold.invstd"], out["bn_fold.shift"] = fold[1], fold[3]
+    bn = dict(stats=stats, gamma=gamma, beta=beta, eps=EPS) if roles["with_bn"] else {}
+    y, y_stats, _ = ops.conv_fwd(x, w, stride, pad, **bn, residual=residual, want_stats=roles["want_stats"])
     out["conv_fwd.y"] = y
-    if partials is not None:
-        out["conv_fwd.stats_mean"] = ops.bn_finalize(partials, torch.ones(cout, device=device, dtype=vdtype),
-                                                     torch.zeros(cout, device=device, dtype=vdtype), EPS)[0]
-    g, sum_g, sum_gx = ops.conv_dgrad(dy, w, x, stride, pad, *((scale, shift, mean) if roles["with_bn"] else (None,) * 3))
+    if y_stats is not None:
+        out["conv_fwd.stats_mean"] = y_stats[1] + y_stats[2]
+    fold = fold if roles["with_bn"] else None
+    g, sums = ops.conv_dgrad(dy, w, x, stride, pad, fold)
     out["conv_dgrad.g"] = g
     if roles["with_bn"]:
-        out["conv_dgrad.sum_g"], out["conv_dgrad.sum_gx"] = sum_g, sum_gx
-        out["bn_backward.dx"] = ops.bn_backward(g, x, mean, invstd, scale, sum_g, sum_gx, True)
-    out["conv_wgrad.dw"] = ops.conv_wgrad(x, dy, w.shape, stride, pad, *bn)
+        out["conv_dgrad.sum_g"], out["conv_dgrad.sum_gx"] = sums[0], sums[1]
+        out["bn_backward.dx"] = ops.bn_backward(g, x, fold, sums, x.numel() / cin, True)
+    out["conv_wgrad.dw"] = ops.conv_wgrad(x, dy, w.shape, stride, pad, fold)
     return out
 
 

@@ -233,7 +233,7 @@ def test_ops_bench_shapes_and_cases():
 
 @pytest.mark.parametrize("name", ["stem", "s1.conv3", "s2.conv2.first", "s3.shortcut"])
 def test_kernel_ops_times_every_closure_of_a_triple(name):
-    """benchmarks.kernel_ops' closures call the six contracts correctly (here on the reference, CPU,
+    """benchmarks.kernel_ops' closures call the contract ops correctly (here on the reference, CPU,
     a small batch and map): every op, the fused forward and backward, eager forward and backward."""
     from benchmarks.kernel_ops import OPS, Triple, measure
     from preact_fused.shapes import RESNET1001_TRIPLES
@@ -244,8 +244,9 @@ def test_kernel_ops_times_every_closure_of_a_triple(name):
     row = measure(triple, lambda fn: results.append(fn()) or 1.0)
     assert set(row) == {f"{op}_ms" for op in OPS} | {"fused_fwd_ms", "fused_bwd_ms"}
     assert row["bn_backward_ms"] == (0.0 if name == "stem" else 1.0)
-    y, partials = triple.fused_forward()
-    assert y.shape == triple.dy.shape and (partials is not None) == triple.want_stats
+    y, stats, fold = triple.fused_forward()
+    assert y.shape == triple.dy.shape and (stats is not None) == triple.want_stats
+    assert (fold is not None) == triple.with_bn
     assert triple.eager_forward().shape == y.shape
     dx, dw, *bn_grads = triple.eager_backward_closure()()
     assert dx.shape == triple.x.shape and dw.shape == triple.weight.shape and len(bn_grads) == 2 * triple.with_bn
@@ -440,3 +441,25 @@ def test_cudnn_peer_unavailable_reason_names_the_fix():
 
     reason = unavailable_reason()
     assert reason is None or "download_wheels.sh" in reason or "GPU" in reason
+
+
+def test_smoke_compares_every_contract_output_on_cpu():
+    """benchmarks.smoke calls every contract op correctly: on the reference in float32 (CPU, a small
+    map) no output is out of bounds, and a broken op is caught."""
+    from benchmarks import smoke
+    from preact_fused.shapes import RESNET1001_TRIPLES
+
+    for name in ("s1.conv3", "s2.conv2.first"):
+        _, cin, cout, _, k, stride = next(t for t in RESNET1001_TRIPLES if t[0] == name)
+        assert smoke.check(reference, (name, cin, cout, 8, k, stride), 2, torch.float32, "cpu") == []
+
+    class Broken:
+        def __getattr__(self, op):
+            return getattr(reference, op)
+
+        @staticmethod
+        def conv_wgrad(*args):
+            return reference.conv_wgrad(*args) * 1.01
+
+    failures = smoke.check(Broken(), ("s1.conv2", 16, 16, 8, 3, 1), 2, torch.float32, "cpu")
+    assert [f["output"] for f in failures] == ["conv_wgrad.dw"]
