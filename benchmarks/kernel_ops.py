@@ -118,7 +118,7 @@ class Triple:
         return self.ops.bn_backward(self.g, self.x, self.fold, self.sums, self.count, True)
 
     def conv_wgrad(self):
-        return self.ops.conv_wgrad(self.x, self.dy, self.weight.shape, self.stride, self.padding, self.fold)
+        return self.ops.conv_wgrad(self.x, self.dy, self.weight, self.stride, self.padding, self.fold)
 
     def fused_backward(self):
         self.conv_dgrad()

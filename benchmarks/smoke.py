@@ -74,7 +74,7 @@ def triple_outputs(ops, triple, batch: int, dtype, device, seed: int = 0) -> dic
     if roles["with_bn"]:
         out["conv_dgrad.sum_g"], out["conv_dgrad.sum_gx"] = sums[0], sums[1]
         out["bn_backward.dx"] = ops.bn_backward(g, x, fold, sums, x.numel() / cin, True)
-    out["conv_wgrad.dw"] = ops.conv_wgrad(x, dy, w.shape, stride, pad, fold)
+    out["conv_wgrad.dw"] = ops.conv_wgrad(x, dy, w, stride, pad, fold)
     return out
 
 

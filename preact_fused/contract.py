@@ -29,6 +29,8 @@ Tensors
   correctly rounded, ``var = M2 / count`` (biased). The activation is ``P(x) = relu(x * scale +
   shift)`` computed as ``fma(x, scale, shift)`` in the statistics dtype, NaN kept (``z <= 0 -> 0``,
   otherwise ``z``), rounded to the activation dtype; zero padding comes after the activation.
+* Weight gradient ``dW``: the weight's shape and memory format (:func:`weight_grad_like`), in the
+  statistics dtype.
 * Backward sums ``sums``: ``[3, C]`` statistics dtype: sum_g, sum_gx = sum(g * (x - mean)) and
   dgamma = sum_gx * invstd, summed in the producing launch (fixed order), ``g`` being the masked
   gradient ``dP * (fma(x, scale, shift) > 0 or NaN)`` before rounding.
@@ -70,8 +72,7 @@ SCHEMAS = {
         "conv_dgrad(Tensor dy, Tensor weight, Tensor x, int stride, int padding, Tensor? fold) "
         "-> (Tensor, Tensor)"),
     "conv_wgrad": (
-        "conv_wgrad(Tensor x, Tensor dy, int[] weight_shape, int stride, int padding, Tensor? fold) "
-        "-> Tensor"),
+        "conv_wgrad(Tensor x, Tensor dy, Tensor weight, int stride, int padding, Tensor? fold) -> Tensor"),
     "bn_backward": (
         "bn_backward(Tensor g, Tensor x, Tensor fold, Tensor sums, float count, bool training, "
         "Tensor? d_residual) -> Tensor"),
@@ -120,6 +121,12 @@ def keep_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if is_channels_last(like):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()
+
+
+def weight_grad_like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A new dW for ``weight``: its shape and memory format (strides), so autograd accumulates it
+    into a channels_last weight without a copy, in the statistics dtype of the activations ``x``."""
+    return torch.empty_like(weight, dtype=stats_dtype(x.dtype), memory_format=torch.preserve_format)
 
 
 def optional(t: torch.Tensor) -> torch.Tensor | None:
@@ -255,8 +262,8 @@ def register_fakes(namespace: str) -> None:
         return g, sums
 
     @torch.library.register_fake(f"{namespace}::conv_wgrad")
-    def _conv_wgrad(x, dy, weight_shape, stride, padding, fold):
-        return x.new_empty(tuple(weight_shape), dtype=stats_dtype(x.dtype))
+    def _conv_wgrad(x, dy, weight, stride, padding, fold):
+        return weight_grad_like(weight, x)
 
     @torch.library.register_fake(f"{namespace}::bn_backward")
     def _bn_backward(g, x, fold, sums, count, training, d_residual):

@@ -203,7 +203,7 @@ def _chain_backward(ctx, dy, d_siblings):
         upstream = i > 0 or needs_x or needs_params[i].get("gamma") or needs_params[i].get("beta") \
             or (i == 0 and any(needs_siblings))
         if needs_params[i]["w"]:
-            grads[i]["w"] = ops.conv_wgrad(h, d, tuple(weight.shape), stride, padding, fold)
+            grads[i]["w"] = ops.conv_wgrad(h, d, weight, stride, padding, fold)
         if not upstream:
             d = None
             continue
@@ -219,7 +219,7 @@ def _chain_backward(ctx, dy, d_siblings):
                     continue
                 s_stride, s_padding = chain.geometry[n + j]
                 if needs_siblings[j]:
-                    sibling_dw[j] = ops.conv_wgrad(h, d_siblings[j], tuple(sibling_weights[j].shape), s_stride,
+                    sibling_dw[j] = ops.conv_wgrad(h, d_siblings[j], sibling_weights[j], s_stride,
                                                    s_padding, fold)
                 pairs.append(ops.conv_dgrad(d_siblings[j], sibling_weights[j], h, s_stride, s_padding, fold))
         training, sync = ctx.modes[i]
@@ -230,7 +230,9 @@ def _chain_backward(ctx, dy, d_siblings):
                 sums_dx = _dist.global_sums(sums_part, count, sync[1], sync[0])
             d_residual = ops.bn_backward(g_part, h, fold, sums_dx, count, training, d_residual)
         d = d_residual
-        total = pairs[0][1] if len(pairs) == 1 else sum(s for _, s in pairs)
+        total = pairs[0][1]
+        for _, more in pairs[1:]:
+            total = total + more
         grads[i]["gamma"], grads[i]["beta"] = total[DGAMMA], total[SUM_G]
     dx = d if needs_x else None
 

@@ -101,11 +101,12 @@ def masked_grad_and_sums(da, x, fold):
     return g, torch.stack([sum_g, sum_gx, sum_gx * fold[INVSTD]])
 
 
-def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, fold=None):
-    """dW [Cout, Cin, KH, KW] in the statistics dtype: sum over output positions of P(x) (x) dy."""
+def conv_wgrad(x, dy, weight, stride: int, padding: int, fold=None):
+    """dW (weight's shape and memory format, statistics dtype): sum over output positions of P(x) (x) dy."""
     acc = stats_dtype(dy.dtype)
     a = preact(x, fold).to(acc)
-    return torch.nn.grad.conv2d_weight(a, tuple(weight_shape), dy.to(acc), stride=stride, padding=padding)
+    dw = torch.nn.grad.conv2d_weight(a, tuple(weight.shape), dy.to(acc), stride=stride, padding=padding)
+    return contract.weight_grad_like(weight, x).copy_(dw)
 
 
 def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):

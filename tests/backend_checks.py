@@ -412,9 +412,14 @@ def check_conv_wgrad(ops, case, dtype, device, layout_name, training, tf32=False
     t = Triple(**{**t.__dict__, "x": x.to(torch.float64).cpu(), "dy": dy.to(torch.float64).cpu()})
     fold = to_backend(t.fold(training), dtype, device) if with_bn else None
     shape = tuple(t.w.shape)
+    # the weight's memory format alternates with the layout: dW must come back in it
+    weight = t.w.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    if layout_name == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
     with poisoned_allocations(device):
-        dw = ops.conv_wgrad(x, dy, shape, case.stride, case.padding, fold)
+        dw = ops.conv_wgrad(x, dy, weight, case.stride, case.padding, fold)
     assert dw.dtype == stats_dtype(dtype), f"conv_wgrad: dW dtype {dw.dtype}"
+    assert dw.stride() == weight.stride(), f"conv_wgrad: dW strides {dw.stride()} != the weight's {weight.stride()}"
     a64 = t.activation(training) if with_bn else t.x
     dw64 = torch.nn.grad.conv2d_weight(a64, shape, t.dy, stride=case.stride, padding=case.padding)
     same = None
@@ -494,7 +499,7 @@ def check_reruns_identical(ops, dtype, device):
         y, y_stats, _ = ops.conv_fwd(x, w, 2, 1, stats=stats, gamma=to_backend(t.gamma, dtype, device),
                                      want_stats=True)
         g, sums = ops.conv_dgrad(dy, w, x, 2, 1, fold)
-        dw = ops.conv_wgrad(x, dy, tuple(w.shape), 2, 1, fold)
+        dw = ops.conv_wgrad(x, dy, w, 2, 1, fold)
         dx = ops.bn_backward(g, x, fold, sums, x.numel() / x.shape[1], True, x)
         return y, y_stats, ops.bn_stats(x), g, sums, dw, dx
 
@@ -546,7 +551,7 @@ def opcheck_samples(dtype, device):
         "bn_fold": [(stats, gamma, beta, *running(), EPS, 0.1, True),
                     (None, gamma, beta, vec(t.running_mean), vec(t.running_var), None, EPS, 0.1, False)],
         "conv_dgrad": [(dy, w, x, 2, 1, fold), (dy, w, x, 2, 1, None)],
-        "conv_wgrad": [(x, dy, list(w.shape), 2, 1, fold), (x, dy, list(w.shape), 2, 1, None)],
+        "conv_wgrad": [(x, dy, w, 2, 1, fold), (x, dy, w.contiguous(memory_format=torch.channels_last), 2, 1, None)],
         "bn_backward": [(x, x, fold, sums, 162.0, True, x), (x, x, fold, sums, 162.0, False, None)],
     }
 

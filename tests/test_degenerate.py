@@ -286,6 +286,6 @@ def test_triton_refuses_row_indices_past_int32(op):
     weight, fold = torch.empty(3, 2, 1, 1, device="meta"), torch.empty(4, 2, device="meta")
     calls = {"conv_fwd": lambda: triton_ops.conv_fwd(x, weight, 1, 0, fold=fold),
              "conv_dgrad": lambda: triton_ops.conv_dgrad(dy, weight, x, 1, 0, fold),
-             "conv_wgrad": lambda: triton_ops.conv_wgrad(x, dy, weight.shape, 1, 0, fold)}
+             "conv_wgrad": lambda: triton_ops.conv_wgrad(x, dy, weight, 1, 0, fold)}
     with pytest.raises((ValueError, RuntimeError), match=r"(?i)pixels|rows|2\*\*31|int32"):
         calls[op]()

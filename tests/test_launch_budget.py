@@ -94,7 +94,7 @@ def test_projection_unit_adds_only_the_shortcut_conv(monkeypatch):
     assert forward == {"conv_fwd": 4}
     assert backward == {"conv_dgrad": 4, "conv_wgrad": 4, "bn_backward": 4}
     assert forward_glue == {}
-    assert backward_glue == {"add": 2}, backward_glue  # the first BN's dgamma and dbeta of two consumers
+    assert backward_glue == {"add": 1}, backward_glue  # the first BN's sums [3, C] of its two consumers
 
 
 def test_basic_unit_is_2_ops_forward_6_backward(monkeypatch):

@@ -74,7 +74,7 @@ def test_triple_composed_from_the_ops_matches_autograd(case):
     close(dx, dx_ref + d_unit)
     close(sums[2], dgamma_ref)
     close(sums[0], dbeta_ref)
-    close(reference.conv_wgrad(x, dy, w.shape, stride, pad, f), dw_ref)
+    close(reference.conv_wgrad(x, dy, w, stride, pad, f), dw_ref)
     close(dy, dres_ref)
 
 
@@ -91,7 +91,7 @@ def test_identity_loader_matches_plain_conv(case):
     dx, sums = reference.conv_dgrad(dy, w, x, stride, k // 2)
     assert sums is None
     close(dx, xl.grad)
-    close(reference.conv_wgrad(x, dy, w.shape, stride, k // 2), wl.grad)
+    close(reference.conv_wgrad(x, dy, w, stride, k // 2), wl.grad)
 
 
 def test_shared_bn_backward_chains_through_d_residual():

@@ -235,11 +235,14 @@ def test_wgrad_in_several_splits(layout_name):
     x64, dy64 = _rand(n, cin, h, h, offset=0.5), _rand(n, cout, h, h, seed=3)
     x, dy = _layout(x64, layout_name), _layout(dy64, layout_name)
     fold = reference.bn_fold(reference.bn_stats(x), *(_vec(v) for v in _bn_inputs(cin)))
+    # a channels_last weight: dW comes back in its memory format (no copy when autograd accumulates it)
+    w = torch.empty(cout, cin, 3, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
     with poisoned_allocations(DEVICE):
-        dw = triton_ops.conv_wgrad(x, dy, (cout, cin, 3, 3), 1, 1, fold)
-    dw64 = reference.conv_wgrad(x.double(), dy.double(), (cout, cin, 3, 3), 1, 1, fold.double())
+        dw = triton_ops.conv_wgrad(x, dy, w, 1, 1, fold)
+    assert dw.stride() == w.stride()
+    dw64 = reference.conv_wgrad(x.double(), dy.double(), w.double(), 1, 1, fold.double())
     assert rel_error(dw, dw64) < 1e-5
-    assert torch.equal(triton_ops.conv_wgrad(x, dy, (cout, cin, 3, 3), 1, 1, fold), dw)
+    assert torch.equal(triton_ops.conv_wgrad(x, dy, w, 1, 1, fold), dw)
     assert _semaphores_are_zero()
 
 
@@ -268,7 +271,7 @@ def test_reruns_are_bit_identical_across_tile_groups():
         stats = triton_ops.bn_stats(x)
         y, y_stats, fold = triton_ops.conv_fwd(x, w, 1, 1, stats=stats, gamma=gamma, beta=beta, want_stats=True)
         g, sums = triton_ops.conv_dgrad(dy, w, x, 1, 1, fold)
-        dw = triton_ops.conv_wgrad(x, dy, w.shape, 1, 1, fold)
+        dw = triton_ops.conv_wgrad(x, dy, w, 1, 1, fold)
         return stats, y, y_stats, fold, g, sums, dw
 
     for a, b in zip(run(), run()):
@@ -342,7 +345,7 @@ def test_empty_inputs_give_empty_or_neutral_outputs():
     dy = _cl(torch.zeros(0, 6, 4, 4, dtype=torch.float64))
     g, sums = triton_ops.conv_dgrad(dy, w, x, 2, 1, fold)
     assert g.shape == x.shape and torch.equal(sums.cpu(), torch.zeros(3, 5))
-    dw = triton_ops.conv_wgrad(x, dy, w.shape, 2, 1, fold)
+    dw = triton_ops.conv_wgrad(x, dy, w, 2, 1, fold)
     assert torch.equal(dw.cpu(), torch.zeros(6, 5, 3, 3))
     assert triton_ops.bn_backward(g, x, fold, sums, 1.0, True, None).shape == x.shape
     assert _semaphores_are_zero()
@@ -362,7 +365,7 @@ def test_explicit_and_default_configurations(monkeypatch):
     def run(conv_config=None, wgrad_config=None):
         y, y_stats, f = conv.conv_fwd(x, w, 2, 1, stats=stats, residual=res, want_stats=True, config=conv_config)
         g, sums = conv.conv_dgrad(dy, w, x, 2, 1, fold, config=conv_config)
-        dw = conv.conv_wgrad(x, dy, w.shape, 2, 1, fold, config=wgrad_config)
+        dw = conv.conv_wgrad(x, dy, w, 2, 1, fold, config=wgrad_config)
         return y, y_stats, f, g, sums, dw
 
     autotuned = run()
@@ -505,7 +508,7 @@ def _contract_step(x, w, gamma, beta, running_mean, running_var, dy):
                                            running_mean=running_mean, running_var=running_var, update_running=True,
                                            want_stats=True)
     g, sums = triton_ops.conv_dgrad(dy, w, x, 2, 1, fold)
-    dw = triton_ops.conv_wgrad(x, dy, w.shape, 2, 1, fold)
+    dw = triton_ops.conv_wgrad(x, dy, w, 2, 1, fold)
     dx = triton_ops.bn_backward(g, x, fold, sums, x.numel() // x.shape[1], True, None)
     return y, y_stats, dx, dw, triton_ops.bn_fold(stats, gamma, beta)
 

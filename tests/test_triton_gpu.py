@@ -89,8 +89,8 @@ class PinnedConfig:
         g, sums = self.conv.conv_dgrad(dy, weight, x, stride, padding, fold, config=self.conv_config)
         return contract.keep_format(g, dy), contract.optional(sums)
 
-    def conv_wgrad(self, x, dy, weight_shape, stride, padding, fold=None):
-        return self.conv.conv_wgrad(x, dy, weight_shape, stride, padding, fold, config=self.wgrad_config)
+    def conv_wgrad(self, x, dy, weight, stride, padding, fold=None):
+        return self.conv.conv_wgrad(x, dy, weight, stride, padding, fold, config=self.wgrad_config)
 
     def __getattr__(self, name):  # bn_stats, bn_fold, bn_backward: the backend's own
         import preact_fused.triton as triton_ops
@@ -160,7 +160,7 @@ def _contract_step(ops, x, w, gamma, beta, running_mean, running_var, dy):
     y, y_stats, fold = ops.conv_fwd(x, w, 2, 1, stats=stats, gamma=gamma, beta=beta, running_mean=running_mean,
                                     running_var=running_var, update_running=True, want_stats=True)
     g, sums = ops.conv_dgrad(dy, w, x, 2, 1, fold)
-    dw = ops.conv_wgrad(x, dy, w.shape, 2, 1, fold)
+    dw = ops.conv_wgrad(x, dy, w, 2, 1, fold)
     dx = ops.bn_backward(g, x, fold, sums, x.numel() // x.shape[1], True, None)
     return y, y_stats, dx, dw
 

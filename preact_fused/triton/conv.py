@@ -248,7 +248,7 @@ def _wgrad_kernel(
     fold_ptr,                           # [4, Cin] fold (PREACT)
     part_ptr,                           # fp32 [SPLITS, KH*KW, Cin, Cout]: dW of each split's pixel range
     sem_ptr,                            # zero int32 semaphores, one per output tile (left zero)
-    dw_ptr,                             # fp32 [Cout, Cin, KH, KW] output
+    dw_ptr, sw_o, sw_i, sw_h, sw_w,     # fp32 [Cout, Cin, KH, KW] output (strided: the weight's format)
     P, Cin, Cout, H, W, OH, OW,
     CHUNK, SPLITS,                      # output pixels per split (program axis 2), number of splits
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
@@ -306,8 +306,8 @@ def _wgrad_kernel(
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in range(0, SPLITS):
             total += tl.load(part_ptr + s * split_elems + tile_off, mask=tile_ok, other=0.0, cache_modifier=".cg")
-        # dW[co, ci, kh, kw], torch's weight layout
-        dw_off = (co.to(tl.int64)[None, :] * Cin + ci[:, None]) * taps + tap
+        # dW[co, ci, kh, kw] through the weight's strides
+        dw_off = co.to(tl.int64)[None, :] * sw_o + ci.to(tl.int64)[:, None] * sw_i + kh * sw_h + kw * sw_w
         tl.store(dw_ptr + dw_off, total, mask=tile_ok)
 
 
@@ -519,14 +519,14 @@ def conv_wgrad(x, dy, weight_shape, stride, padding, fold=None, tf32=False, conf
     check_rows(pixels, "conv_wgrad")
     tiles = kh * kw * triton.cdiv(cin, _fitted_block(cin)) * triton.cdiv(cout, _fitted_block(cout))
     chunk, splits = _wgrad_split(pixels, tiles, device)
-    dw = torch.empty((cout, cin, kh, kw), dtype=torch.float32, device=device)
+    dw = contract.weight_grad_like(weight, x)
     partials = torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device)
     max_tiles = kh * kw * max(1, triton.cdiv(cin, 16)) * max(1, triton.cdiv(cout, 16))
     sem = semaphores(device, max_tiles)
     args = dict(x_ptr=_nonempty(x, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
                 dy_ptr=_nonempty(dy, sem), **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
                 fold_ptr=_nonempty(vector(fold, "fold"), sem), part_ptr=_nonempty(partials, sem), sem_ptr=sem,
-                dw_ptr=_nonempty(dw, sem), P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
+                dw_ptr=_nonempty(dw, sem), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), dw.stride())), P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
                 CHUNK=chunk, SPLITS=splits, KH=kh, KW=kw, STRIDE=stride, PAD=padding, PREACT=fold is not None,
                 PRECISION=dot_precision(x.dtype, tf32))
 

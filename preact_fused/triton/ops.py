@@ -83,10 +83,10 @@ def _conv_dgrad_impl(dy, weight, x, stride, padding, fold):
         return _conv.conv_dgrad(dy, weight, x, stride, padding, fold, _tf32())
 
 
-def _conv_wgrad_impl(x, dy, weight_shape, stride, padding, fold):
+def _conv_wgrad_impl(x, dy, weight, stride, padding, fold):
     check_activation(x, "x")
     with on_device_of(x):
-        return _conv.conv_wgrad(x, dy, weight_shape, stride, padding, fold, _tf32())
+        return _conv.conv_wgrad(x, dy, weight, stride, padding, fold, _tf32())
 
 
 def _bn_backward_impl(g, x, fold, sums, count, training, d_residual):
@@ -139,11 +139,11 @@ def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
     return contract.keep_format(g, dy), contract.optional(sums)
 
 
-def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, fold=None):
-    """dW [Cout, Cin, KH, KW] fp32 = sum over output positions of P(x) (x) dy."""
+def conv_wgrad(x, dy, weight, stride: int, padding: int, fold=None):
+    """dW [Cout, Cin, KH, KW] fp32 (weight's memory format) = sum over output positions of P(x) (x) dy."""
     check_activation(x, "x")
     _conv.check_rows(dy.shape[0] * dy.shape[2] * dy.shape[3], "conv_wgrad")
-    return _ops.conv_wgrad(x, dy, [int(v) for v in weight_shape], stride, padding, fold)
+    return _ops.conv_wgrad(x, dy, weight, stride, padding, fold)
 
 
 def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):
