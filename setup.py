@@ -138,7 +138,9 @@ def get_extensions():
         system_includes += ["-isystem", inc]
     # -fmad=false: no implicit multiply-add contraction, so the device code rounds as the CPU emulator
     # build of the same kernels does (-ffp-contract=off); the kernels' own FMAs are explicit fmaf.
-    nvcc_flags = ["-O3", "-fmad=false", f"--threads={os.environ.get('NVCC_THREADS', '1')}"]
+    # -maxrregcount=255: without it ptxas caps some kernels that only have __launch_bounds__(128)
+    # below their need (at 128, 96 or 72 registers) and spills; the kernels are written for 0 spills.
+    nvcc_flags = ["-O3", "-fmad=false", "-maxrregcount=255", f"--threads={os.environ.get('NVCC_THREADS', '1')}"]
     nvcc_flags += _arch_flags(os.environ.get("PREACT_FUSED_CUDA_ARCHS", "80;90"))
     if os.environ.get("PREACT_FUSED_PTXAS_VERBOSE", "1") != "0":
         nvcc_flags += ["-Xptxas=-v"]

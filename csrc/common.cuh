@@ -23,15 +23,36 @@
 
 // Kernel launch; a template-id with commas goes in parentheses. With PF_EMULATE (the CPU test
 // build, csrc/emulate/) blocks run one after another with cooperative threads on the host.
+// PF_LAUNCH_SMEM also gives the bytes of dynamic shared memory (PF_DYNAMIC_SHARED in the kernel).
 #ifdef PF_EMULATE
-#define PF_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__)
+#define PF_LAUNCH(kernel, grid, block, stream, ...) \
+  (++::emu::launches(), ::emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__))
+#define PF_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+  (::emu::check_dynamic_shared(smem), PF_LAUNCH(kernel, grid, block, stream, __VA_ARGS__))
+#define PF_DYNAMIC_SHARED(type, name) type* const name = reinterpret_cast<type*>(::emu::dynamic_shared())
 #else
 #define PF_LAUNCH(kernel, grid, block, stream, ...) (kernel)<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#define PF_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+  (kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define PF_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
+
+namespace preact_fused {
+// Let `kernel` use `bytes` of dynamic shared memory (beyond the default 48 KB with its static
+// shared memory, an opt-in per kernel; a host-side attribute, not a launch).
+template <typename Kernel>
+cudaError_t allow_dynamic_shared(Kernel kernel, int bytes) {
+  if (bytes <= 8 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+}  // namespace preact_fused
 
 namespace preact_fused {
 
 constexpr int kWarp = 32;
+
+__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int tree_counters_dev(int tiles) { return ceil_div_dev(tiles, kTreeGroup) + 1; }
 
 // Host: call launch(T{}) with the element type T of dtype (float, __nv_bfloat16 or __half) and
 // return its error; an unknown dtype is cudaErrorInvalidValue.
@@ -140,14 +161,42 @@ __device__ __forceinline__ uint4 zero_vec() { return make_uint4(0u, 0u, 0u, 0u);
 
 __device__ __forceinline__ uint4 ldg_vec(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
-// The BN-ReLU activation, computed exactly as the reference does: multiply, round, add, round
-// (no fused multiply-add), so the dgrad mask recomputed later agrees bit for bit.
-__device__ __forceinline__ float bn_affine(float x, float scale, float shift) {
-  return __fadd_rn(__fmul_rn(x, scale), shift);
-}
+// The BN-ReLU activation of the contract: z = fma(x, scale, shift) in fp32, P = (z <= 0) ? 0 : z
+// (NaN kept, as PyTorch's ReLU); the dgrad mask recomputes z the same way: the gradient passes
+// where !(z <= 0) (z > 0 or NaN).
+__device__ __forceinline__ float bn_affine(float x, float scale, float shift) { return fmaf(x, scale, shift); }
+__device__ __forceinline__ float relu_keep_nan(float z) { return z <= 0.f ? 0.f : z; }
 __device__ __forceinline__ float bn_relu(float x, float scale, float shift) {
-  return fmaxf(bn_affine(x, scale, shift), 0.0f);
+  return relu_keep_nan(bn_affine(x, scale, shift));
 }
+
+// A float parameter vector element of any of the activation dtypes (gamma, beta, running stats,
+// weights: read as they are stored, no cast launch).
+__device__ __forceinline__ float load_any(const void* p, DType dt, long long i) {
+  switch (dt) {
+    case DType::kBFloat16: return to_float(__ldg(static_cast<const __nv_bfloat16*>(p) + i));
+    case DType::kFloat16: return to_float(__ldg(static_cast<const __half*>(p) + i));
+    default: return __ldg(static_cast<const float*>(p) + i);
+  }
+}
+// The value v rounded to dt (as torch's .to(dt) rounds), back in float.
+__device__ __forceinline__ float round_to(DType dt, float v) {
+  switch (dt) {
+    case DType::kBFloat16: return to_float(from_float<__nv_bfloat16>(v));
+    case DType::kFloat16: return to_float(from_float<__half>(v));
+    default: return v;
+  }
+}
+__device__ __forceinline__ void store_any(void* p, DType dt, long long i, float v) {
+  switch (dt) {
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
+    case DType::kFloat16: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
+    default: static_cast<float*>(p)[i] = v; break;
+  }
+}
+// A plain (non-cached) read of a buffer element that another block of the same launch wrote
+// before a __threadfence (L1 is not coherent across multiprocessors).
+__device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
 
 // ---------------------------------------------------------------------------------------------
 // Tensor cores: mma.sync m16n8k16, fp32 accumulators. Fragment ownership (lane l, g = l/4,

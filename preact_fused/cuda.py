@@ -140,10 +140,11 @@ def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
     return keep_format(g, dy), optional(sums)
 
 
-def conv_wgrad(x, dy, weight_shape, stride: int, padding: int, fold=None):
-    """dW [Cout, Cin, KH, KW] float32, P(x) recomputed from the pre-BN x; split-K reduced in the launch."""
+def conv_wgrad(x, dy, weight, stride: int, padding: int, fold=None):
+    """dW [Cout, Cin, KH, KW] float32 in weight's memory format, P(x) recomputed from the pre-BN x;
+    split-K reduced in the launch."""
     _check_dtype(x, "x")
-    return _ops().conv_wgrad(x, dy, [int(s) for s in weight_shape], int(stride), int(padding), fold)
+    return _ops().conv_wgrad(x, dy, weight, int(stride), int(padding), fold)
 
 
 def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):

@@ -17,8 +17,8 @@ projection) add their masked gradients through ``bn_backward``'s ``d_residual`` 
 is exact because the BN backward is linear in (g, sums).
 
 ``FusedBNReLU`` is a BN-ReLU feeding no conv (a network's head). ``Recompute`` runs a unit again in
-backward (memory mode "min"). None of them is twice differentiable: a double backward
-(``create_graph=True`` followed by a backward through the gradients) raises a clear error.
+backward (memory mode "min"). None of them is twice differentiable: a backward with
+``create_graph=True`` (the first step of a double backward) raises a clear error.
 """
 from __future__ import annotations
 
@@ -36,26 +36,23 @@ from .contract import DGAMMA, SUM_G, optional
 from .reference import masked_grad_and_sums, preact
 from .validation import check_batch_stats, conv_geometry, conv_output_size
 
-DOUBLE_BACKWARD = ("preact_fused: double backward (differentiating the gradients of a fused op, as a "
-                   "gradient penalty with create_graph=True does) is not supported; use the unfused "
-                   "modules (fused=False, or the original model before convert) for it")
+DOUBLE_BACKWARD = ("preact_fused: double backward (create_graph=True through a fused op, as a gradient "
+                   "penalty does) is not supported; use the unfused modules (fused=False, or the original "
+                   "model before convert) for it")
 
 
 def _once_differentiable(backward):
-    """The backward computed without a graph; under create_graph its gradients refuse to be
-    differentiated again, with a message that says why (instead of silently wrong values)."""
+    """The backward computed without a graph, refusing create_graph=True with a clear error.
+
+    (Marking the gradients as non-differentiable, as torch.autograd.function.once_differentiable
+    does, is not enough: they are then cut from the inputs, so a second differentiation with
+    ``allow_unused=True`` would silently give zeros instead of an error.)
+    """
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return outputs
-        # create_graph=True: each gradient becomes the output of a node that raises when reached.
-        present = [o.detach().requires_grad_() for o in outputs if isinstance(o, torch.Tensor)]
-        if not present:
-            return outputs
-        flagged = iter(torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), len(present))(*present))
-        return tuple(next(flagged) if isinstance(o, torch.Tensor) else o for o in outputs)
+        if torch.is_grad_enabled():  # the engine runs backward with grad mode on under create_graph
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
     return wrapper
 
 

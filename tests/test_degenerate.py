@@ -93,7 +93,6 @@ def test_unsupported_convolutions_are_refused_clearly(options, named):
 def test_non_finite_pixel_propagates(fused_backend, request, training, value):
     """PyTorch's ReLU keeps NaN: one bad pixel spreads exactly as in the unfused modules (in training
     through the batch statistics to every output and gradient; in eval through the conv window)."""
-    pending_on(request, "cuda")
     m = module(fused_backend).train(training)
     dtype = backend_dtype(fused_backend)
     x = rand(2, 5, 6, 7, dtype=dtype)
@@ -103,7 +102,6 @@ def test_non_finite_pixel_propagates(fused_backend, request, training, value):
 
 def test_nan_pixel_gives_a_nan_loss(fused_backend, request):
     """A whole pre-activation ResNet: the loss of a batch with one NaN pixel is NaN, as unfused."""
-    pending_on(request, "cuda")
     torch.manual_seed(0)
     dtype = backend_dtype(fused_backend)
     net = preact_resnet(8, num_classes=3, block="basic", backend=fused_backend).to(DEVICE, dtype)
@@ -123,7 +121,6 @@ def test_nan_pixel_gives_a_nan_loss(fused_backend, request):
 def test_empty_batch(fused_backend, request, training, momentum):
     """N == 0: an empty output; in training the running statistics stay as they were while
     num_batches_tracked counts the batch; zero parameter gradients (validation.py's docstring)."""
-    pending_on(request, "cuda")
     m = module(fused_backend, momentum=momentum).train(training)
     dtype = backend_dtype(fused_backend)
     before = m.bn.running_mean.clone(), m.bn.running_var.clone()
@@ -221,9 +218,8 @@ def test_conv_output_size_matches_conv2d():
 
 # ---- double backward -------------------------------------------------------------------------------
 
-def test_double_backward_is_exact_or_refused(fused_backend, request):
+def test_double_backward_is_exact_or_refused(fused_backend):
     """create_graph=True: second-order gradients equal PyTorch's, or a clear error refuses them."""
-    pending_on(request, *backends.BACKENDS)
     m = module(fused_backend)
     dtype = backend_dtype(fused_backend)
     x, dy, v = rand(2, 5, 6, 7, dtype=dtype), rand(2, 4, 6, 7, dtype=dtype, seed=2), rand(2, 5, 6, 7, dtype=dtype, seed=3)
@@ -257,7 +253,6 @@ def test_variance_accuracy_at_large_mean(fused_backend, request, ratio):
     """bn_stats + bn_fold in fp32 on channels whose mean is ``ratio`` times their std: the
     variance (the running_var update at momentum 1, unbiased) within 10x the error of torch.var on
     the same fp32 tensor, and never worse than 4 fp32 ulps (4.8e-7) relative."""
-    pending_on(request, "cuda")
     ops = backends.resolve(fused_backend, torch.device(DEVICE))
     std = torch.tensor([0.01, 1.0, 3.0, 100.0], dtype=torch.float64)[:, None, None]
     g = torch.Generator().manual_seed(0)

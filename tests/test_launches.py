@@ -17,7 +17,7 @@ from benchmarks import host_overhead, launches
 from benchmarks.launches import LaunchCounter
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(depths=(11, 20), batch=1, image=8, warmup=0)
+SMALL = dict(depths=(11, 20), batch=1, image=8, warmup=1)  # warm: workspaces allocated once
 
 # A plain bottleneck unit (identity shortcut) of the eager model, by hand:
 #   forward:  3 BN (native_batch_norm, plus num_batches_tracked.add_(1) each), 3 ReLU, 3 conv,
@@ -138,7 +138,7 @@ def _row_line(stdout, backend):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU proxy (a GPU run counts profiler kernels)")
 def test_launches_command_prints_table_and_writes_json(tmp_path):
-    stdout, record = _run("launches", "--depths", "11", "20", "--batch", "1", "--image", "8", "--warmup", "0",
+    stdout, record = _run("launches", "--depths", "11", "20", "--batch", "1", "--image", "8", "--warmup", "1",
                           tmp_path=tmp_path)
     assert "| backend | unit fwd | unit bwd |" in stdout
     rows = {r["backend"]: r for r in record["rows"]}

@@ -139,8 +139,8 @@ def _one_of_each():
         "bn_fold/running": ("bn_fold", (None, gamma, beta, *list(running().values())[:2], None, 1e-5, 0.1, False)),
         "conv_dgrad/bn": ("conv_dgrad", (dy, w, x, 2, 1, fold)),
         "conv_dgrad/plain": ("conv_dgrad", (dy, w, x, 2, 1, None)),
-        "conv_wgrad/bn": ("conv_wgrad", (x, dy, [cout, cin, 3, 3], 2, 1, fold)),
-        "conv_wgrad/plain": ("conv_wgrad", (x, dy, [cout, cin, 3, 3], 2, 1, None)),
+        "conv_wgrad/bn": ("conv_wgrad", (x, dy, w, 2, 1, fold)),
+        "conv_wgrad/plain": ("conv_wgrad", (x, dy, w.contiguous(memory_format=torch.channels_last), 2, 1, None)),
         "bn_backward/training": ("bn_backward", (x, x, fold, sums, 72.0, True, x)),
         "bn_backward/eval": ("bn_backward", (x, x, fold, sums, 72.0, False, None)),
     }

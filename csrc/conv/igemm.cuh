@@ -3,43 +3,53 @@
 //   out[m, n] = sum_k A[m, k] * B[k, n]      m: pixel (row), n: channel (column), k = (tap, c)
 //
 // forward: rows are output pixels (n, oh, ow); A[m, (kh, kw, ci)] = P(x[n, oh*s-p+kh, ow*s-p+kw, ci])
-//          with P = relu(x*scale + shift) (or identity) and 0 outside the image (padding is
-//          applied after the activation); B[(kh, kw, ci), co] = w[co, ci, kh, kw].
+//          with P = relu(fma(x, scale, shift)) (NaN kept) or identity and 0 outside the image
+//          (padding is applied after the activation); B[(kh, kw, ci), co] = w[co, ci, kh, kw].
 // dgrad:   rows are input pixels (n, ih, iw); A[m, (kh, kw, co)] = dy[n, oh, ow, co] where
 //          ih + p - kh = oh*s exactly (tap masks for stride > 1, no zero insertion), else 0;
 //          B[(kh, kw, co), ci] = w[co, ci, kh, kw].
 //
-// Block: 128 threads (4 warps), tile 128 rows x BN columns (BN = 16, 32 or 64), reduction chunks
-// of 64 bytes per pixel (BK = 32 bf16/fp16 or 16 fp32 elements). Each warp owns 32 rows x BN.
-// Pipeline: register-staged double buffering. Chunk c+1 is fetched from global memory into
-// registers while chunk c is multiplied from shared memory; the BN affine + ReLU is applied when
-// the registers are written to the other shared buffer; one __syncthreads per chunk.
-// Math: bf16/fp16 through mma.sync m16n8k16 (fp32 accumulators); fp32 through exact FFMA with
-// the same accumulator ownership, so the epilogue is common.
+// The weight is read in torch's [Cout, Cin, KH, KW] layout and dtype and rounded to the
+// activation dtype while it is staged into shared memory (no packing launch). The forward's BN
+// fold (from a batch summary, an earlier fold or the running statistics) is computed by every
+// block into (dynamic) shared memory in the prologue, scale and shift of every input channel;
+// block 0 also writes it out and updates the running statistics.
+//
+// Block: 128 threads (4 warps), tile BM rows (128, or 64 for small grids) x BN columns (16, 32 or
+// 64), reduction chunks of 64 bytes per pixel (BK = 32 bf16/fp16 or 16 fp32 elements). Each warp
+// owns BM/4 rows x BN. Pipeline: register-staged double buffering. Chunk c+1 is fetched from
+// global memory into registers while chunk c is multiplied from shared memory; the BN affine +
+// ReLU is applied when the registers are written to the other shared buffer; one __syncthreads
+// per chunk. Math: bf16/fp16 through mma.sync m16n8k16 (fp32 accumulators); fp32 through exact
+// FFMA with the same accumulator ownership, so the epilogue is common.
 // Epilogue: accumulators are staged in shared memory as fp32 and written back as 16-byte vectors
-// per row; forward adds the residual, rounds, stores and takes per-tile (count, mean, M2) of the
-// stored values (two passes over the tile, deterministic); dgrad applies the ReLU mask of the
-// forward, stores g and emits per-tile sums of g and g*(x - mean).
+// per row; forward adds the residual, rounds, stores and (want_stats) summarises the stored values
+// of the tile (pivot = its first row, two passes); dgrad applies the ReLU mask of the forward,
+// stores g and sums g and g*(x - mean). Tile results are merged in the same launch by the
+// fixed-order tree of reduce.cuh.
 #pragma once
 
-#include "../common.cuh"
+#include "../bn/fold.cuh"
+#include "../reduce.cuh"
 
 namespace preact_fused {
 
-template <typename T, int BN_>
+template <typename T, int BM_, int BN_>
 struct IgemmConfig {
   static constexpr int kThreads = 128;
-  static constexpr int BM = kTileRows;                    // 128 pixels per tile
+  static constexpr int BM = BM_;                          // pixels per tile (128 or 64)
   static constexpr int BN = BN_;                          // channels per tile
   static constexpr int kVec = Elem<T>::kVec;              // elements per 16-byte vector
   static constexpr int BK = 64 / static_cast<int>(sizeof(T));  // reduction elements per chunk
   static constexpr int kVecPerRow = BK / kVec;            // 4
   static constexpr int kLds = BK + 16 / static_cast<int>(sizeof(T));  // smem row: 80 bytes
   static constexpr int kARowsPerPass = kThreads / kVecPerRow;        // 32
-  static constexpr int kAIters = BM / kARowsPerPass;                 // 4
-  static constexpr int kBVecs = BN * kVecPerRow;
-  static constexpr int kBIters = (kBVecs + kThreads - 1) / kThreads; // 1 or 2
-  static constexpr int kMT = 2;                           // m16 tiles per warp
+  static constexpr int kAIters = BM / kARowsPerPass;                 // 4 or 2
+  static constexpr int kBPer = BN * BK / kThreads;        // weight elements per thread and chunk
+  static constexpr int kBThreadsPerRow = BK / kBPer;      // threads sharing one B row
+  static constexpr int kBWords = kBPer * static_cast<int>(sizeof(T)) / 4;
+  static constexpr int kWarpRows = BM / 4;                // rows per warp
+  static constexpr int kMT = kWarpRows / 16;              // m16 tiles per warp
   static constexpr int kNT = BN / 8;                      // n8 tiles per warp
   static constexpr int kLdc = BN + 8;                     // fp32 staging row (bank spread)
   static constexpr int kChunksPerRow = BN / kVec;         // epilogue: vectors per row
@@ -48,9 +58,14 @@ struct IgemmConfig {
   static constexpr int kMainBytes = 2 * (BM + BN) * kLds * static_cast<int>(sizeof(T));
   static constexpr int kStageBytes = BM * kLdc * 4;
   static constexpr int kSmemBytes = kMainBytes > kStageBytes ? kMainBytes : kStageBytes;
+  // Blocks per multiprocessor for __launch_bounds__: tiles up to 128x16 are capped at 128
+  // registers, 128x64 at 168 (three blocks per multiprocessor); all spill-free on sm_90.
+  static constexpr int kMinBlocks = BM * BN <= 128 * 16 ? 4 : (BM * BN >= 128 * 64 ? 3 : 1);
   static_assert(kVecPerRow == 4, "loader mapping assumes 4 vectors per row");
+  static_assert(kBPer * kBThreadsPerRow == BK && kBWords >= 1, "weight loader mapping");
+  static_assert(kMT >= 1 && kPasses >= 1, "tile mapping");
   static_assert(kChunksPerRow <= kWarp && kWarp % kChunksPerRow == 0, "epilogue mapping");
-  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static_assert(kSmemBytes + 4 * 4 * BN <= 40 * 1024, "static shared memory limit");
 };
 
 template <typename T>
@@ -61,35 +76,39 @@ struct IgemmParams {
   int rows;                // n * row_h * row_w
   int kw, stride, pad;     // taps along w, conv stride and padding
   int k;                   // reduction length kh*kw*src_c
-  int k_pad;               // multiple of BK
-  const T* wt;             // [col_tiles*BN, k_pad], B transposed (k contiguous), zero padded
+  const void* wt;          // torch weight [cout, cin, kh, kw], w_dtype, taps (kh, kw) at tap * w_tap_stride
+  DType w_dtype;
+  int w_row_stride;        // element stride of B's column index n in wt (fwd: co's, dgrad: ci's)
+  int w_c_stride;          // element stride of the reduction channel c (fwd: ci's, dgrad: co's)
+  int w_tap_stride;        // element stride of tap = kh*KW + kw (1 contiguous, cin channels_last)
   int cols;                // columns (fwd: cout, dgrad: cin)
   int tiles, col_tiles;    // ceil(rows / BM), ceil(cols / BN)
-  const float* a_scale;    // [src_c] BN scale of the loader (fwd only) or nullptr
-  const float* a_shift;    // [src_c]
+  BnFoldArgs bn;           // fwd: the loader's BatchNorm (c = src_c), kNone for the identity
   bool a_vec;              // src_c % kVec == 0 and src 16-byte aligned: vector gathers
   T* out;                  // [rows, cols]
   bool out_vec;            // cols % kVec == 0 and out/residual/ex 16-byte aligned
   const T* residual;       // fwd: [rows, cols] or nullptr
-  float* stats;            // fwd: [3, tiles, cols] (count, mean, M2) or nullptr
+  float* stats;            // fwd: [4, cols] summary of the stored output, or nullptr
   const T* ex;             // dgrad: pre-BN input x [rows, cols], or nullptr (no mask, no sums)
-  const float* e_scale;    // dgrad: [cols]
-  const float* e_shift;    // [cols]
-  const float* e_mean;     // [cols]
-  float* sums;             // dgrad: [2, tiles, cols] partial sum_g, sum_gx
+  const float* e_fold;     // dgrad: [4, cols] mean, invstd, scale, shift
+  float* sums;             // dgrad: [3, cols] sum_g, sum_gx, sum_gx * invstd
+  float* ws;               // tree workspace [tiles + groups, planes, cols] (stats or sums)
+  int* counters;           // [col_tiles, groups + 1] zeroed arrival counters
 };
 
-template <typename T, int BN, bool kDgrad>
-__global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p) {
-  using Cfg = IgemmConfig<T, BN>;
-  constexpr int BM = Cfg::BM, BK = Cfg::BK, kVec = Cfg::kVec, kLds = Cfg::kLds;
-  constexpr int kAIters = Cfg::kAIters, kBIters = Cfg::kBIters;
-  constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kLdc = Cfg::kLdc;
+template <typename T, int BM, int BN, bool kDgrad>
+__global__ void __launch_bounds__(128, (IgemmConfig<T, BM, BN>::kMinBlocks)) igemm_conv_kernel(const IgemmParams<T> p) {
+  using Cfg = IgemmConfig<T, BM, BN>;
+  constexpr int BK = Cfg::BK, kVec = Cfg::kVec, kLds = Cfg::kLds;
+  constexpr int kAIters = Cfg::kAIters, kBPer = Cfg::kBPer;
+  constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kLdc = Cfg::kLdc, kWarpRows = Cfg::kWarpRows;
   constexpr bool kTensorCores = sizeof(T) == 2;
 
   __shared__ __align__(16) unsigned char smem[Cfg::kSmemBytes];
   __shared__ float red[2][4][BN];
-  __shared__ float col_mean[BN];
+  __shared__ float col_a[BN], col_b[BN];
+  __shared__ int flag;
+  PF_DYNAMIC_SHARED(float, fold_tab);              // fwd with BN: [2][src_c] scale, shift
   T* const As = reinterpret_cast<T*>(smem);        // [2][BM][kLds]
   T* const Bs = As + 2 * BM * kLds;                // [2][BN][kLds]
   float* const Cs = reinterpret_cast<float*>(smem);  // [BM][kLdc], after the main loop
@@ -99,7 +118,21 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
   const int tile_m = blockIdx.x / p.col_tiles;
   const int tile_n = blockIdx.x - tile_m * p.col_tiles;
   const int m0 = tile_m * BM, n0 = tile_n * BN;
-  const bool a_bn = !kDgrad && p.a_scale != nullptr;
+  const bool a_bn = !kDgrad && p.bn.source != BnSource::kNone;
+
+  // ---- prologue: the loader's BN fold into shared memory; block 0 publishes it ---------------
+  if (a_bn) {
+    for (int c = tid; c < p.src_c; c += Cfg::kThreads) {
+      const Fold f = fold_channel(p.bn, c);
+      fold_tab[c] = f.scale;
+      fold_tab[p.src_c + c] = f.shift;
+    }
+    if (blockIdx.x == 0 && p.bn.fold_out != nullptr) write_fold_block(p.bn);
+  }
+  auto chan_fold = [&](int c, float& sc, float& sh) {
+    sc = fold_tab[c];
+    sh = fold_tab[p.src_c + c];
+  };
 
   // ---- A gather: this thread's 16-byte column a_kv and rows a_r0 + 32 i of the tile ----------
   const int a_kv = tid % Cfg::kVecPerRow;
@@ -161,7 +194,7 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
   uint4 a_reg[kAIters];
   uint32_t a_ok = 0;            // vector path: bit i = row i loaded (BN still to apply)
   float a_sc[kVec], a_sh[kVec]; // vector path with BN: scale/shift of the thread's channels
-  uint4 b_reg[kBIters];
+  uint32_t b_reg[Cfg::kBWords];
 
   auto load_a = [&](int chunk) {
     const int k0 = chunk * BK + a_kv * kVec;
@@ -175,8 +208,9 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
       if (a_bn) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          a_sc[j] = kvalid ? __ldg(p.a_scale + c + j) : 0.f;
-          a_sh[j] = kvalid ? __ldg(p.a_shift + c + j) : 0.f;
+          a_sc[j] = 0.f;
+          a_sh[j] = 0.f;
+          if (kvalid) chan_fold(c + j, a_sc[j], a_sh[j]);
         }
       }
       a_ok = 0;
@@ -202,8 +236,8 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
           const int c = k - tap * p.src_c;
           const int kh = tap / p.kw;
           const int kw = tap - kh * p.kw;
-          const float sc = a_bn ? __ldg(p.a_scale + c) : 1.f;
-          const float sf = a_bn ? __ldg(p.a_shift + c) : 0.f;
+          float sc = 1.f, sf = 0.f;
+          if (a_bn) chan_fold(c, sc, sf);
 #pragma unroll
           for (int i = 0; i < kAIters; ++i) {
             const long long off = src_pixel(i, kh, kw);
@@ -235,27 +269,40 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
     }
   };
 
+  // ---- B: kBPer consecutive reduction elements of one column, straight from torch's weight ----
+  // fwd: consecutive threads take consecutive k of a column (contiguous for 1x1 kernels);
+  // dgrad: consecutive threads take consecutive columns ci (contiguous for 1x1 kernels).
+  const int b_row = kDgrad ? tid % BN : tid / Cfg::kBThreadsPerRow;
+  const int b_kk0 = (kDgrad ? tid / BN : tid % Cfg::kBThreadsPerRow) * kBPer;
+  const bool b_row_ok = n0 + b_row < p.cols;
+  const int b_row_off = (n0 + b_row) * p.w_row_stride;
+
   auto load_b = [&](int chunk) {
+    const int k0 = chunk * BK + b_kk0;
+    int tap = k0 / p.src_c;
+    int c = k0 - tap * p.src_c;
 #pragma unroll
-    for (int i = 0; i < kBIters; ++i) {
-      const int idx = tid + i * Cfg::kThreads;
-      if (idx < Cfg::kBVecs) {
-        const int row = idx / Cfg::kVecPerRow, kv = idx % Cfg::kVecPerRow;
-        b_reg[i] = ldg_vec(p.wt + static_cast<long long>(n0 + row) * p.k_pad + chunk * BK + kv * kVec);
+    for (int w = 0; w < Cfg::kBWords; ++w) b_reg[w] = 0u;
+#pragma unroll
+    for (int e = 0; e < kBPer; ++e) {
+      float v = 0.f;
+      if (b_row_ok && k0 + e < p.k) v = load_any(p.wt, p.w_dtype, b_row_off + c * p.w_c_stride + tap * p.w_tap_stride);
+      if constexpr (sizeof(T) == 4) {
+        b_reg[e] = __float_as_uint(v);
+      } else {
+        b_reg[e >> 1] |= float_to_bits<T>(v) << ((e & 1) * 16);
+      }
+      if (++c == p.src_c) {
+        c = 0;
+        ++tap;
       }
     }
   };
 
   auto store_b = [&](int buf) {
-    T* dst = Bs + buf * BN * kLds;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(Bs + buf * BN * kLds + b_row * kLds + b_kk0);
 #pragma unroll
-    for (int i = 0; i < kBIters; ++i) {
-      const int idx = tid + i * Cfg::kThreads;
-      if (idx < Cfg::kBVecs) {
-        const int row = idx / Cfg::kVecPerRow, kv = idx % Cfg::kVecPerRow;
-        *reinterpret_cast<uint4*>(dst + row * kLds + kv * kVec) = b_reg[i];
-      }
-    }
+    for (int w = 0; w < Cfg::kBWords; ++w) dst[w] = b_reg[w];
   };
 
   float acc[kMT][kNT][4];
@@ -275,7 +322,7 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
         uint32_t af[kMT][4];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
-          const T* r0 = Ab + (warp * 32 + mt * 16 + g) * kLds + ks * 16 + 2 * t4;
+          const T* r0 = Ab + (warp * kWarpRows + mt * 16 + g) * kLds + ks * 16 + 2 * t4;
           af[mt][0] = lds32(r0);
           af[mt][1] = lds32(r0 + 8 * kLds);
           af[mt][2] = lds32(r0 + 8);
@@ -297,7 +344,7 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) av[mt][h] = to_float(Ab[(warp * 32 + mt * 16 + h * 8 + g) * kLds + kk]);
+          for (int h = 0; h < 2; ++h) av[mt][h] = to_float(Ab[(warp * kWarpRows + mt * 16 + h * 8 + g) * kLds + kk]);
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -315,7 +362,8 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
   };
 
   // ---- main loop -------------------------------------------------------------------------------
-  const int chunks = p.k_pad / BK;
+  const int chunks = ceil_div_dev(p.k, BK);
+  __syncthreads();  // the fold table is complete
   load_a(0);
   load_b(0);
   store_a(0);
@@ -341,7 +389,7 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      const int row = warp * 32 + mt * 16 + g, col = nt * 8 + 2 * t4;
+      const int row = warp * kWarpRows + mt * 16 + g, col = nt * 8 + 2 * t4;
       *reinterpret_cast<float2*>(Cs + row * kLdc + col) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
       *reinterpret_cast<float2*>(Cs + (row + 8) * kLdc + col) = make_float2(acc[mt][nt][2], acc[mt][nt][3]);
     }
@@ -355,6 +403,8 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
   const bool col_in = col0 < p.cols;
   const bool full = col_in && p.out_vec;          // all kVec columns valid and aligned
   const int count = min(BM, p.rows - m0);
+  const int groups = ceil_div_dev(p.tiles, kTreeGroup);
+  int* const counters = p.counters != nullptr ? p.counters + static_cast<long long>(tile_n) * (groups + 1) : nullptr;
 
   auto load_row = [&](const T* base, long long off, float (&f)[kVec]) {
     if (full) {
@@ -393,9 +443,6 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
   };
 
   if constexpr (!kDgrad) {
-    float s1[kVec];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) s1[j] = 0.f;
 #pragma unroll
     for (int ps = 0; ps < Cfg::kPasses; ++ps) {
       const int r = rr + ps * kRpp;
@@ -413,17 +460,29 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
         store_row(off, v);
         if (p.stats != nullptr) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            Cs[r * kLdc + cc * kVec + j] = v[j];
-            s1[j] += v[j];
-          }
+          for (int j = 0; j < kVec; ++j) Cs[r * kLdc + cc * kVec + j] = v[j];
         }
       }
     }
     if (p.stats != nullptr) {  // block-uniform
+      // Summary of the tile's stored values per column: pivot = row 0, offset = mean - pivot, M2.
+      __syncthreads();
+      if (tid < BN) col_b[tid] = Cs[tid];
+      __syncthreads();
+      float s1[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) s1[j] = 0.f;
+#pragma unroll
+      for (int ps = 0; ps < Cfg::kPasses; ++ps) {
+        const int r = rr + ps * kRpp;
+        if (r < count && col_in) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) s1[j] += Cs[r * kLdc + cc * kVec + j] - col_b[cc * kVec + j];
+        }
+      }
       reduce_to_smem(s1, 0);
       __syncthreads();
-      if (tid < BN) col_mean[tid] = block_total(0, tid) / static_cast<float>(count);
+      if (tid < BN) col_a[tid] = block_total(0, tid) / static_cast<float>(count);
       __syncthreads();
       float s2[kVec];
 #pragma unroll
@@ -434,30 +493,40 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
         if (r < count && col_in) {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            const float d = Cs[r * kLdc + cc * kVec + j] - col_mean[cc * kVec + j];
+            const float d = (Cs[r * kLdc + cc * kVec + j] - col_b[cc * kVec + j]) - col_a[cc * kVec + j];
             s2[j] = fmaf(d, d, s2[j]);
           }
         }
       }
       reduce_to_smem(s2, 1);
       __syncthreads();
-      if (tid < BN && n0 + tid < p.cols) {
-        const long long plane = static_cast<long long>(p.tiles) * p.cols;
-        const long long o = static_cast<long long>(tile_m) * p.cols + n0 + tid;
-        p.stats[o] = static_cast<float>(count);
-        p.stats[plane + o] = col_mean[tid];
-        p.stats[2 * plane + o] = block_total(1, tid);
+      float mine[4] = {0.f, 0.f, 0.f, 0.f};
+      if (tid < BN) {
+        mine[0] = static_cast<float>(count);
+        mine[1] = col_b[tid];
+        mine[2] = col_a[tid];
+        mine[3] = block_total(1, tid);
       }
+      const long long cols = p.cols;
+      tree_reduce<4>(p.ws, counters, p.tiles, tile_m, p.cols, n0, BN, mine, MergeSummary{},
+                     [&](int col, const float (&t)[4]) {
+                       p.stats[col] = t[0];
+                       p.stats[cols + col] = t[1];
+                       p.stats[2 * cols + col] = t[2];
+                       p.stats[3 * cols + col] = t[3];
+                     },
+                     &flag);
     }
   } else {
     const bool bn = p.ex != nullptr;
+    const long long cols = p.cols;
     float sc[kVec], sf[kVec], mu[kVec], sg[kVec], sgx[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const bool in = bn && col0 + j < p.cols;
-      sc[j] = in ? __ldg(p.e_scale + col0 + j) : 0.f;
-      sf[j] = in ? __ldg(p.e_shift + col0 + j) : 0.f;
-      mu[j] = in ? __ldg(p.e_mean + col0 + j) : 0.f;
+      mu[j] = in ? __ldg(p.e_fold + col0 + j) : 0.f;
+      sc[j] = in ? __ldg(p.e_fold + 2 * cols + col0 + j) : 0.f;
+      sf[j] = in ? __ldg(p.e_fold + 3 * cols + col0 + j) : 0.f;
       sg[j] = 0.f;
       sgx[j] = 0.f;
     }
@@ -472,8 +541,9 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
           load_row(p.ex, off, xf);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            // g = da * (x*scale + shift > 0), the forward's arithmetic; sums before rounding g.
-            const float gv = bn_affine(xf[j], sc[j], sf[j]) > 0.f ? v[j] : 0.f;
+            // g = da where the forward's ReLU passes (!(z <= 0): z > 0 or NaN), else 0; the sums
+            // are of g before it is rounded.
+            const float gv = bn_affine(xf[j], sc[j], sf[j]) <= 0.f ? 0.f : v[j];
             sg[j] += gv;
             sgx[j] = fmaf(gv, xf[j] - mu[j], sgx[j]);
             v[j] = gv;
@@ -486,44 +556,58 @@ __global__ void __launch_bounds__(128) igemm_conv_kernel(const IgemmParams<T> p)
       reduce_to_smem(sg, 0);
       reduce_to_smem(sgx, 1);
       __syncthreads();
-      if (tid < BN && n0 + tid < p.cols) {
-        const long long plane = static_cast<long long>(p.tiles) * p.cols;
-        const long long o = static_cast<long long>(tile_m) * p.cols + n0 + tid;
-        p.sums[o] = block_total(0, tid);
-        p.sums[plane + o] = block_total(1, tid);
+      float mine[2] = {0.f, 0.f};
+      if (tid < BN) {
+        mine[0] = block_total(0, tid);
+        mine[1] = block_total(1, tid);
       }
+      tree_reduce<2>(p.ws, counters, p.tiles, tile_m, p.cols, n0, BN, mine, MergeSums{},
+                     [&](int col, const float (&t)[2]) {
+                       p.sums[col] = t[0];
+                       p.sums[cols + col] = t[1];
+                       p.sums[2 * cols + col] = t[1] * __ldg(p.e_fold + cols + col);
+                     },
+                     &flag);
     }
   }
 }
 
-// Launch the kernel for a column count (BN picked by conv_tile_cols, the same the host used to
-// pack the weights).
-template <typename T, bool kDgrad>
-cudaError_t launch_igemm(const IgemmParams<T>& p, cudaStream_t stream) {
+// Launch the kernel for a tile shape (BM from the host's conv_tile_rows, BN from conv_tile_cols).
+template <typename T, int BM, int BN, bool kDgrad>
+cudaError_t launch_igemm_tile(const IgemmParams<T>& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.tiles) * static_cast<unsigned>(p.col_tiles));
-  switch (conv_tile_cols(p.cols)) {
-    case 16:
-      PF_LAUNCH((igemm_conv_kernel<T, 16, kDgrad>), grid, 128, stream, p);
-      break;
-    case 32:
-      PF_LAUNCH((igemm_conv_kernel<T, 32, kDgrad>), grid, 128, stream, p);
-      break;
-    default:
-      PF_LAUNCH((igemm_conv_kernel<T, 64, kDgrad>), grid, 128, stream, p);
-      break;
-  }
+  // The forward's BN fold table: scale and shift of every input channel.
+  const int smem = (!kDgrad && p.bn.source != BnSource::kNone) ? 8 * p.src_c : 0;
+  PF_RETURN_IF_ERROR(allow_dynamic_shared(igemm_conv_kernel<T, BM, BN, kDgrad>, smem));
+  PF_LAUNCH_SMEM((igemm_conv_kernel<T, BM, BN, kDgrad>), grid, 128, smem, stream, p);
   return cudaGetLastError();
+}
+
+template <typename T, bool kDgrad, int BM>
+cudaError_t launch_igemm_bm(const IgemmParams<T>& p, cudaStream_t stream) {
+  switch (conv_tile_cols(p.cols)) {
+    case 16: return launch_igemm_tile<T, BM, 16, kDgrad>(p, stream);
+    case 32: return launch_igemm_tile<T, BM, 32, kDgrad>(p, stream);
+    default: return launch_igemm_tile<T, BM, 64, kDgrad>(p, stream);
+  }
+}
+
+template <typename T, bool kDgrad>
+cudaError_t launch_igemm(const IgemmParams<T>& p, int tile_rows, cudaStream_t stream) {
+  return tile_rows == 64 ? launch_igemm_bm<T, kDgrad, 64>(p, stream) : launch_igemm_bm<T, kDgrad, 128>(p, stream);
 }
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // The GEMM geometry shared by the forward and dgrad: rows are the pixels of the [s.n, row_h, row_w]
 // grid, the gathered operand src is NHWC [s.n, src_h, src_w, src_c] (fwd: x, dgrad: dy), the
-// reduction runs over the s.kh * s.kw taps of src_c channels against w_packed [.., k_pad], and the
+// reduction runs over the s.kh * s.kw taps of src_c channels against torch's weight (element
+// (co, ci, kh, kw) at co*ws.co + ci*ws.ci + (kh*KW + kw)*ws.tap), and the
 // output has `cols` columns. Loader and epilogue fields are left to the caller.
 template <typename T>
-void set_igemm_geometry(IgemmParams<T>& p, const ConvShape& s, const void* src, int src_h, int src_w, int src_c,
-                        int row_h, int row_w, int cols, const void* w_packed, int k_pad) {
+void set_igemm_geometry(IgemmParams<T>& p, const ConvShape& s, bool dgrad, const void* src, int src_h, int src_w,
+                        int src_c, int row_h, int row_w, int cols, const void* weight, DType w_dtype,
+                        const WeightStrides& ws, int tile_rows) {
   p.src = static_cast<const T*>(src);
   p.src_h = src_h;
   p.src_w = src_w;
@@ -535,10 +619,13 @@ void set_igemm_geometry(IgemmParams<T>& p, const ConvShape& s, const void* src, 
   p.stride = s.stride;
   p.pad = s.pad;
   p.k = s.kh * s.kw * src_c;
-  p.k_pad = k_pad;
-  p.wt = static_cast<const T*>(w_packed);
+  p.wt = weight;
+  p.w_dtype = w_dtype;
+  p.w_row_stride = dgrad ? ws.ci : ws.co;
+  p.w_c_stride = dgrad ? ws.co : ws.ci;
+  p.w_tap_stride = ws.tap;
   p.cols = cols;
-  p.tiles = ceil_div(p.rows, kTileRows);
+  p.tiles = ceil_div(p.rows, tile_rows);
   p.col_tiles = ceil_div(cols, conv_tile_cols(cols));
   p.a_vec = src_c % Elem<T>::kVec == 0 && aligned16(src);
 }

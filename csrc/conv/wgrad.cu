@@ -8,9 +8,10 @@
 // Both operands are pixel-major in global memory ([pixel][j], [pixel][co]) and are stored so in
 // shared memory; bf16/fp16 fragments come from ldmatrix .trans, fp32 is exact FFMA.
 // Split-K: blockIdx.y takes a contiguous slice of pixels and writes its partial tile (zeros for an
-// empty slice) to partials[split]; a second kernel sums the splits in order (deterministic) and
-// writes dW in torch's [cout, cin, kh, kw] layout.
-#include "../common.cuh"
+// empty slice) to partials[split]; the last split of a tile to arrive (arrival counter per output
+// tile, reset by it) sums the splits' partials in split order 0..S-1 (deterministic, whatever the
+// arrival order) and writes dW in torch's [cout, cin, kh, kw] layout. One split writes dW directly.
+#include "../reduce.cuh"
 
 namespace preact_fused {
 
@@ -43,13 +44,16 @@ struct WgradParams {
   int kw, stride, pad;
   int kfwd;                // kh*kw*cin
   int pixels;              // n*ho*wo
-  const float* scale;      // [cin] or nullptr
-  const float* shift;      // [cin]
+  const float* fold;       // [4, cin] mean, invstd, scale, shift, or nullptr (identity)
   bool x_vec;              // cin % kVec == 0 and x 16-byte aligned
   bool d_vec;              // cout % kVec == 0 and dy 16-byte aligned
   int chunks_per_split;    // pixel chunks (BP pixels) per split
   int col_tiles;           // ceil(cout / BN)
-  float* partials;         // [splits, cout, kfwd]
+  int splits;
+  float* partials;         // [splits, cout, kfwd] when splits > 1
+  int* counters;           // [tiles] zeroed arrival counters when splits > 1
+  float* dw;               // [cout, cin, kh, kw] with strides dw_stride (the weight's memory format)
+  long long dw_stride[4];
 };
 
 template <typename T, int BN>
@@ -71,7 +75,7 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
   const long long pbeg = static_cast<long long>(split) * p.chunks_per_split * BP;
   const int pend = static_cast<int>(min(static_cast<long long>(p.pixels), pbeg + static_cast<long long>(p.chunks_per_split) * BP));
   const int chunks = pbeg < pend ? static_cast<int>((pend - pbeg + BP - 1) / BP) : 0;
-  const bool has_bn = p.scale != nullptr;
+  const bool has_bn = p.fold != nullptr;
   const int plane = p.ho * p.wo;
 
   // ---- x loader: fixed j vector, pixels x_p0 + kXPixPerPass * i of each chunk -----------------
@@ -93,8 +97,8 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
     const int j = j0 + tid;
     const bool in = has_bn && j < p.kfwd;
     const int ci = in ? j % p.cin : 0;
-    sc_s[tid] = in ? __ldg(p.scale + ci) : 0.f;
-    sh_s[tid] = in ? __ldg(p.shift + ci) : 0.f;
+    sc_s[tid] = in ? __ldg(p.fold + 2 * p.cin + ci) : 0.f;
+    sh_s[tid] = in ? __ldg(p.fold + 3 * p.cin + ci) : 0.f;
   }
   __syncthreads();
   uint4 x_reg[Cfg::kXIters];
@@ -265,7 +269,27 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
   }
 
   // acc[nt][i]: row j = j0 + warp*16 + g + 8*(i/2), column co = n0 + nt*8 + 2*t4 + i%2.
-  float* out = p.partials + static_cast<long long>(split) * p.cout * p.kfwd;
+  // dW offset of (co, j = (kh*KW + kw)*cin + ci) through dW's strides.
+  auto dw_index = [&](int co, int j) {
+    const int tap = j / p.cin;
+    const int ci = j - tap * p.cin;
+    const int kh = tap / p.kw, kw = tap - kh * p.kw;
+    return co * p.dw_stride[0] + ci * p.dw_stride[1] + kh * p.dw_stride[2] + kw * p.dw_stride[3];
+  };
+  if (p.splits == 1) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + warp * 16 + g + 8 * (i >> 1);
+        const int co = n0 + nt * 8 + 2 * t4 + (i & 1);
+        if (j < p.kfwd && co < p.cout) p.dw[dw_index(co, j)] = acc[nt][i];
+      }
+    }
+    return;
+  }
+  const long long split_stride = static_cast<long long>(p.cout) * p.kfwd;
+  float* out = p.partials + static_cast<long long>(split) * split_stride;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -275,39 +299,38 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
       if (j < p.kfwd && co < p.cout) out[static_cast<long long>(co) * p.kfwd + j] = acc[nt][i];
     }
   }
-}
-
-// dw[co, ci, kh, kw] = sum over splits (in order) of partials[split, co, (kh*KW + kw)*cin + ci].
-__global__ void wgrad_reduce_kernel(const float* __restrict__ partials,  // [splits, cout, kfwd]
-                                    int splits, int cout, int cin, int kh_taps, int kw_taps,
-                                    float* __restrict__ dw) {            // [cout, cin, kh, kw]
-  const int kfwd = kh_taps * kw_taps * cin;
-  const long long total = static_cast<long long>(cout) * kfwd;
-  const long long stride = static_cast<long long>(cout) * kfwd;
-  for (long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int z = 0; z < splits; ++z) s += partials[z * stride + idx];
-    const int co = static_cast<int>(idx / kfwd);
-    const int j = static_cast<int>(idx - static_cast<long long>(co) * kfwd);
-    const int tap = j / cin;
-    const int ci = j - tap * cin;
-    const int kh = tap / kw_taps;
-    const int kw = tap - kh * kw_taps;
-    dw[((static_cast<long long>(co) * cin + ci) * kh_taps + kh) * kw_taps + kw] = s;
+  __shared__ int flag;
+  if (!arrive_last(p.counters + blockIdx.x, p.splits, &flag)) return;
+  // The last split of this tile: dW = sum of the partials in split order.
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = j0 + warp * 16 + g + 8 * (i >> 1);
+      const int co = n0 + nt * 8 + 2 * t4 + (i & 1);
+      if (j < p.kfwd && co < p.cout) {
+        const float* src = p.partials + static_cast<long long>(co) * p.kfwd + j;
+        float sum = 0.f;
+        for (int z = 0; z < p.splits; ++z) sum += load_cg(src + z * split_stride);
+        p.dw[dw_index(co, j)] = sum;
+      }
+    }
   }
 }
 
 static int wgrad_pixels_per_chunk(DType dtype) { return dtype == DType::kFloat32 ? 16 : 32; }
 
+int conv_wgrad_tiles(const ConvShape& s) {
+  return ceil_div(static_cast<long long>(s.kh) * s.kw * s.cin, 64) * ceil_div(s.cout, conv_tile_cols(s.cout));
+}
+
 int conv_wgrad_splits(const ConvShape& s, DType dtype, int num_sms) {
   const long long pixels = static_cast<long long>(s.n) * s.ho * s.wo;
   const int chunks = ceil_div(pixels, wgrad_pixels_per_chunk(dtype));
   if (chunks <= 1) return 1;
-  const int kfwd = s.kh * s.kw * s.cin;
-  const int tiles = ceil_div(kfwd, 64) * ceil_div(s.cout, conv_tile_cols(s.cout));
-  // About four blocks per SM in total, at least two chunks per split, at most 1024 splits.
-  const int target = ceil_div(4LL * (num_sms > 0 ? num_sms : 1), tiles);
+  const int tiles = conv_wgrad_tiles(s);
+  // About two blocks per multiprocessor in total, at least two chunks per split, at most 1024 splits.
+  const int target = ceil_div(2LL * (num_sms > 0 ? num_sms : 1), tiles);
   int splits = target < 1 ? 1 : target;
   splits = splits > 1024 ? 1024 : splits;
   const int max_splits = ceil_div(chunks, 2);
@@ -334,28 +357,26 @@ static cudaError_t run_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {
   p.pad = s.pad;
   p.kfwd = s.kh * s.kw * s.cin;
   p.pixels = s.n * s.ho * s.wo;
-  p.scale = a.scale;
-  p.shift = a.shift;
+  p.fold = a.fold;
   p.x_vec = s.cin % kVec == 0 && (reinterpret_cast<uintptr_t>(a.x) & 15u) == 0;
   p.d_vec = s.cout % kVec == 0 && (reinterpret_cast<uintptr_t>(a.dy) & 15u) == 0;
   const int chunks = ceil_div(p.pixels, wgrad_pixels_per_chunk(a.dtype));
   p.chunks_per_split = ceil_div(chunks, a.splits);
   const int bn = conv_tile_cols(s.cout);
   p.col_tiles = ceil_div(s.cout, bn);
+  p.splits = a.splits;
   p.partials = a.partials;
-  if (p.kfwd == 0 || s.cout == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.kfwd, 64) * p.col_tiles), static_cast<unsigned>(a.splits));
+  p.counters = a.counters;
+  p.dw = a.dw;
+  for (int d = 0; d < 4; ++d) p.dw_stride[d] = a.dw_stride[d];
+  if (p.kfwd == 0 || s.cout == 0 || p.pixels == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(conv_wgrad_tiles(s)), static_cast<unsigned>(a.splits));
   switch (bn) {
     case 16: PF_LAUNCH((wgrad_kernel<T, 16>), grid, 128, stream, p); break;
     case 32: PF_LAUNCH((wgrad_kernel<T, 32>), grid, 128, stream, p); break;
     default: PF_LAUNCH((wgrad_kernel<T, 64>), grid, 128, stream, p); break;
   }
-  PF_CHECK_LAUNCH();
-  const long long total = static_cast<long long>(s.cout) * p.kfwd;
-  const int blocks = static_cast<int>((total + 255) / 256 < 65535 ? (total + 255) / 256 : 65535);
-  PF_LAUNCH(wgrad_reduce_kernel, blocks, 256, stream, a.partials, a.splits, s.cout, s.cin, s.kh, s.kw, a.dw);
-  PF_CHECK_LAUNCH();
-  return cudaSuccess;
+  return cudaGetLastError();
 }
 
 cudaError_t launch_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {

@@ -42,9 +42,6 @@ namespace emu {
 constexpr std::size_t kStackBytes = 256 * 1024;
 constexpr int kMaxThreads = 1024;
 
-// Kernel launches so far; pf_emu_launches (kernels.cpp) reads and resets it for benchmarks/launches.py.
-inline unsigned long long launches = 0;
-
 struct Fiber {
   ucontext_t ctx;
   bool done;
@@ -147,7 +144,6 @@ void launch(Kernel kernel, dim3 grid, dim3 blk, Args... args) {
   const int n = static_cast<int>(blk.x * blk.y * blk.z);
   if (n <= 0 || n > kMaxThreads || n % 32 != 0) fail("block size must be a multiple of 32 up to 1024");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("empty grid");
-  ++launches;
   while (static_cast<int>(b.stacks.size()) < n) b.stacks.emplace_back(new char[kStackBytes]);
   gridDim = grid;
   blockDim = blk;

@@ -73,3 +73,42 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 [[noreturn]] inline void __trap() { std::abort(); }
 using std::max;
 using std::min;
+
+// Device-wide memory operations. Blocks run one after another and a block's threads never run
+// at the same time, so plain memory accesses implement them.
+inline void __threadfence() {}
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+inline int atomicExch(int* address, int value) {
+  const int old = *address;
+  *address = value;
+  return old;
+}
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
+
+namespace emu {
+// Dynamic shared memory of the running block (extern __shared__ on the device).
+constexpr int kDynamicSharedBytes = 227 * 1024;
+inline unsigned char* dynamic_shared() {
+  alignas(16) static unsigned char buffer[kDynamicSharedBytes];
+  return buffer;
+}
+inline void check_dynamic_shared(long long bytes) {
+  if (bytes > kDynamicSharedBytes) std::abort();
+}
+// Kernel launches (counted by PF_LAUNCH, csrc/common.cuh): read by the tests through the debug op
+// preact_fused_emu_debug::launches, and read and reset by benchmarks/launches.py through
+// pf_emu_launches (kernels.cpp).
+inline long long& launches() {
+  static long long count = 0;
+  return count;
+}
+}  // namespace emu

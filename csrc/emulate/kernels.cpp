@@ -7,7 +7,7 @@
 // The emulated kernel launches since the last reset (reset != 0 clears the count after reading it);
 // called through ctypes by benchmarks/launches.py to count the kernels an op launches.
 extern "C" unsigned long long pf_emu_launches(int reset) {
-  const unsigned long long n = emu::launches;
-  if (reset != 0) emu::launches = 0;
+  const unsigned long long n = static_cast<unsigned long long>(emu::launches());
+  if (reset != 0) emu::launches() = 0;
   return n;
 }

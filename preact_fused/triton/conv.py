@@ -506,12 +506,13 @@ def _fitted_block(channels: int) -> int:
     return min(max(16, triton.next_power_of_2(max(channels, 1))), max(c.kwargs["BLOCK_M"] for c in WGRAD_CONFIGS))
 
 
-def conv_wgrad(x, dy, weight_shape, stride, padding, fold=None, tf32=False, config=None):
+def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=None):
     """dW [Cout, Cin, KH, KW] fp32 = sum over output pixels of P(x) (x) dy, one launch (contract.conv_wgrad).
 
-    x: [N, Cin, H, W] (pre-BN input); dy: [N, Cout, Ho, Wo]; fold: [4, Cin] or None.
+    x: [N, Cin, H, W] (pre-BN input); dy: [N, Cout, Ho, Wo]; weight: [Cout, Cin, KH, KW] (only its
+    shape and memory format are used: dW has both); fold: [4, Cin] or None.
     """
-    cout, cin, kh, kw = (int(v) for v in weight_shape)
+    cout, cin, kh, kw = weight.shape
     n, _, h, w = x.shape
     ho, wo = dy.shape[2], dy.shape[3]
     device = x.device
@@ -526,7 +527,8 @@ def conv_wgrad(x, dy, weight_shape, stride, padding, fold=None, tf32=False, conf
     args = dict(x_ptr=_nonempty(x, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
                 dy_ptr=_nonempty(dy, sem), **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
                 fold_ptr=_nonempty(vector(fold, "fold"), sem), part_ptr=_nonempty(partials, sem), sem_ptr=sem,
-                dw_ptr=_nonempty(dw, sem), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), dw.stride())), P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
+                dw_ptr=_nonempty(dw, sem), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), dw.stride())),
+                P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
                 CHUNK=chunk, SPLITS=splits, KH=kh, KW=kw, STRIDE=stride, PAD=padding, PREACT=fold is not None,
                 PRECISION=dot_precision(x.dtype, tf32))
 
