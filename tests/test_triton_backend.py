@@ -229,7 +229,7 @@ def test_bn_stats_over_many_tile_groups():
 def test_wgrad_in_several_splits(layout_name):
     n, cin, cout, h = 3, 17, 5, 9
     pixels = n * h * h
-    tiles = 9 * triton_cdiv(cin, 32) * triton_cdiv(cout, 32)
+    tiles = 9 * common.cdiv(cin, 32) * common.cdiv(cout, 32)
     chunk, splits = conv._wgrad_split(pixels, tiles, torch.device(DEVICE))
     assert splits > 1 or not common.INTERPRET
     x64, dy64 = _rand(n, cin, h, h, offset=0.5), _rand(n, cout, h, h, seed=3)
@@ -244,10 +244,6 @@ def test_wgrad_in_several_splits(layout_name):
     assert rel_error(dw, dw64) < 1e-5
     assert torch.equal(triton_ops.conv_wgrad(x, dy, w, 1, 1, fold), dw)
     assert _semaphores_are_zero()
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 def _layout(t64, name, dtype=F32):

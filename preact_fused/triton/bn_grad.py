@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, empty_nhwc, strides4
+from .common import INTERPRET, cdiv, empty_nhwc, next_power_of_2, strides4
 
 _MAX_BLOCK_C, _TILE = (16, 256) if INTERPRET else (128, 4096)  # channels per program, elements per program
 
@@ -59,9 +59,9 @@ def bn_backward(g, x, fold, sums, count, training, d_residual):
     dx = empty_nhwc(n, c, h, w, x)
     if fold.dim() != 2 or (training and sums.dim() != 2):
         raise ValueError("bn_backward needs fold [4, C] and, in training, sums [3, C]")
-    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(max(c, 1)))
+    block_c = min(_MAX_BLOCK_C, next_power_of_2(max(c, 1)))
     block_r = _TILE // block_c
-    grid = (max(1, triton.cdiv(rows, block_r)), max(1, triton.cdiv(c, block_c)))
+    grid = (max(1, cdiv(rows, block_r)), max(1, cdiv(c, block_c)))
     dummy = fold
 
     def act(t, ptr, prefix):

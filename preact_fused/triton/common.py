@@ -42,6 +42,17 @@ GROUP = 4 if INTERPRET else 32
 KIND_SUMMARY, KIND_SUMS = tl.constexpr(0), tl.constexpr(1)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grid sizes (triton.cdiv is a constexpr_function: several times slower
+    on the host, and the launch path calls it a few times per op)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), on the host (see cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 def on_device_of(t: torch.Tensor):
     """A context in which kernels launch on t's device: Triton launches on the current CUDA device
     (and its current stream), which need not hold the tensors. A no-op for CPU tensors."""
@@ -108,7 +119,7 @@ def semaphores(device: torch.device, count: int) -> torch.Tensor:
         key = (device.type, device.index)
     buf = _SEMAPHORES.get(key)
     if buf is None or buf.numel() < count:
-        size = max(_MIN_SEMAPHORES, triton.next_power_of_2(max(count, 1)))
+        size = max(_MIN_SEMAPHORES, next_power_of_2(max(count, 1)))
         buf = _SEMAPHORES[key] = torch.zeros(size, dtype=torch.int32, device=device)
     return buf
 

@@ -34,8 +34,8 @@ import triton.language as tl
 
 from .. import contract
 from .common import (BN_FOLD, BN_NONE, BN_RUNNING, BN_STATS, GROUP, INTERPRET, KIND_SUMMARY, KIND_SUMS,
-                     bn_fold_vectors, bn_z, buffer, dot_precision, empty_nhwc, preact, reduce_tiles, semaphores,
-                     sm_count, source_offset, strides4, tile_summary, vector, write_fold)
+                     bn_fold_vectors, bn_z, buffer, cdiv, dot_precision, empty_nhwc, next_power_of_2, preact,
+                     reduce_tiles, semaphores, sm_count, source_offset, strides4, tile_summary, vector, write_fold)
 
 
 # Autotuning times the configurations that fit a problem (the interpreter has a single one);
@@ -110,7 +110,7 @@ def _fitting(fitted):
                    and ("BLOCK_K" in fitted or c.kwargs["BLOCK_K"] >= min_free_k)]
         if not configs:  # the interpreter's single tile
             return []
-        targets = {block: min(max(16, triton.next_power_of_2(args[arg])), max(c.kwargs[block] for c in configs))
+        targets = {block: min(max(16, next_power_of_2(args[arg])), max(c.kwargs[block] for c in configs))
                    for block, arg in fitted.items()}
         return [c for c in configs if all(c.kwargs[b] == t for b, t in targets.items())]
     return prune
@@ -332,8 +332,8 @@ def _launch(kernel, fit, grid, args, config):
     configuration runs untimed. A ``triton.Config``: exactly that configuration (tests check each one).
     """
     if config is None:
-        key = (kernel.fn.__name__, *(args[name] for name in kernel.keys),
-               *(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor)))
+        key = (kernel.fn.__name__, *[args[name] for name in kernel.keys],
+               *[v.dtype for v in args.values() if type(v) is torch.Tensor])
         config = _chosen.get(key)
         if config is None and AUTOTUNE and not _capturing(args):
             with _tuning:
@@ -393,9 +393,9 @@ def bn_args(stats, fold, gamma, beta, running_mean, running_var, num_batches_tra
 
 def _reduction_space(m: int, cols: int, planes: int, device, dummy):
     """(workspace, semaphores) for reducing per-row-tile partials of ``cols`` columns in a conv launch."""
-    tiles = max(1, triton.cdiv(m, _MIN_BLOCK_M))
-    groups = triton.cdiv(tiles, GROUP)
-    col_blocks = max(1, triton.cdiv(cols, _MIN_BLOCK_N))
+    tiles = max(1, cdiv(m, _MIN_BLOCK_M))
+    groups = cdiv(tiles, GROUP)
+    col_blocks = max(1, cdiv(cols, _MIN_BLOCK_N))
     ws = torch.empty((tiles + groups) * planes * max(cols, 1), dtype=torch.float32, device=device)
     return ws, semaphores(device, col_blocks * (groups + 1))
 
@@ -435,7 +435,7 @@ def _run_conv(a, weight, out, aux, bn, rows_shape, src_hw, k_ch, n_out, stride, 
         PRECISION=dot_precision(a.dtype, tf32), GROUP=GROUP)
 
     def grid(meta):
-        return max(1, triton.cdiv(m, meta["BLOCK_M"])), max(1, triton.cdiv(n_out, meta["BLOCK_N"]))
+        return max(1, cdiv(m, meta["BLOCK_M"])), max(1, cdiv(n_out, meta["BLOCK_N"]))
 
     _launch(_conv_kernel, _CONV_FIT, grid, args, config)
 
@@ -494,16 +494,16 @@ def _wgrad_split(pixels: int, tiles: int, device) -> tuple[int, int]:
     """(pixels per split, splits): about two waves of the GPU's multiprocessors over the output
     tiles, splits of at least 512 pixels (3 splits under the interpreter, to exercise the reduction)."""
     if INTERPRET:
-        chunk = max(32, triton.cdiv(triton.cdiv(pixels, 3), 32) * 32)
+        chunk = max(32, cdiv(cdiv(pixels, 3), 32) * 32)
     else:
-        splits = max(1, min(round(2 * sm_count(device) / max(tiles, 1)), triton.cdiv(pixels, 512)))
-        chunk = triton.cdiv(triton.cdiv(max(pixels, 1), splits), 128) * 128
-    return chunk, max(1, triton.cdiv(pixels, chunk))
+        splits = max(1, min(round(2 * sm_count(device) / max(tiles, 1)), cdiv(pixels, 512)))
+        chunk = cdiv(cdiv(max(pixels, 1), splits), 128) * 128
+    return chunk, max(1, cdiv(pixels, chunk))
 
 
 def _fitted_block(channels: int) -> int:
     """The wgrad channel block the prune rule picks for ``channels`` (its largest listed block at most)."""
-    return min(max(16, triton.next_power_of_2(max(channels, 1))), max(c.kwargs["BLOCK_M"] for c in WGRAD_CONFIGS))
+    return min(max(16, next_power_of_2(max(channels, 1))), max(c.kwargs["BLOCK_M"] for c in WGRAD_CONFIGS))
 
 
 def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=None):
@@ -518,11 +518,11 @@ def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=Non
     device = x.device
     pixels = n * ho * wo
     check_rows(pixels, "conv_wgrad")
-    tiles = kh * kw * triton.cdiv(cin, _fitted_block(cin)) * triton.cdiv(cout, _fitted_block(cout))
+    tiles = kh * kw * cdiv(cin, _fitted_block(cin)) * cdiv(cout, _fitted_block(cout))
     chunk, splits = _wgrad_split(pixels, tiles, device)
     dw = contract.weight_grad_like(weight, x)
     partials = torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device)
-    max_tiles = kh * kw * max(1, triton.cdiv(cin, 16)) * max(1, triton.cdiv(cout, 16))
+    max_tiles = kh * kw * max(1, cdiv(cin, 16)) * max(1, cdiv(cout, 16))
     sem = semaphores(device, max_tiles)
     args = dict(x_ptr=_nonempty(x, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
                 dy_ptr=_nonempty(dy, sem), **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
@@ -533,7 +533,7 @@ def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=Non
                 PRECISION=dot_precision(x.dtype, tf32))
 
     def grid(meta):
-        return (max(1, kh * kw * triton.cdiv(cin, meta["BLOCK_M"])), max(1, triton.cdiv(cout, meta["BLOCK_N"])),
+        return (max(1, kh * kw * cdiv(cin, meta["BLOCK_M"])), max(1, cdiv(cout, meta["BLOCK_N"])),
                 splits)
 
     _launch(_wgrad_kernel, _WGRAD_FIT, grid, args, config)

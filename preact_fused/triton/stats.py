@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GROUP, INTERPRET, KIND_SUMMARY, reduce_tiles, semaphores, strides4, tile_summary, write_fold
+from .common import GROUP, INTERPRET, KIND_SUMMARY, cdiv, reduce_tiles, semaphores, strides4, tile_summary, write_fold
 
 # bn_stats: rows and channels per program (the whole tile is summarised in registers), warps.
 _STATS_BLOCK_R, _STATS_BLOCK_C, _STATS_WARPS = (16, 16, 4) if INTERPRET else (256, 32, 4)
@@ -66,9 +66,9 @@ def bn_stats(x: torch.Tensor) -> torch.Tensor:
     """The summary [4, C] fp32 (count, pivot, offset, M2) of x [N, C, H, W] (any layout), one launch."""
     n, c, h, w = x.shape
     rows = n * h * w
-    tiles = max(1, triton.cdiv(rows, _STATS_BLOCK_R))
-    groups = triton.cdiv(tiles, GROUP)
-    col_blocks = max(1, triton.cdiv(c, _STATS_BLOCK_C))
+    tiles = max(1, cdiv(rows, _STATS_BLOCK_R))
+    groups = cdiv(tiles, GROUP)
+    col_blocks = max(1, cdiv(c, _STATS_BLOCK_C))
     out = torch.empty((4, c), dtype=torch.float32, device=x.device)
     ws = torch.empty((tiles + groups) * 4 * max(c, 1), dtype=torch.float32, device=x.device)
     sem = semaphores(x.device, col_blocks * (groups + 1))
