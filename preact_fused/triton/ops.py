@@ -98,7 +98,33 @@ def _bn_backward_impl(g, x, fold, sums, count, training, d_residual):
 IMPLS = {"conv_fwd": _conv_fwd_impl, "bn_stats": _bn_stats_impl, "bn_fold": _bn_fold_impl,
          "conv_dgrad": _conv_dgrad_impl, "conv_wgrad": _conv_wgrad_impl, "bn_backward": _bn_backward_impl}
 contract.define(NAMESPACE, IMPLS)
-_ops = getattr(torch.ops, NAMESPACE)
+_library_ops = getattr(torch.ops, NAMESPACE)
+
+
+class _Ops:
+    """``torch.ops.preact_fused_triton`` as the contract functions below call it.
+
+    In plain eager execution on real tensors (nothing tracing, no dispatch mode, not meta) an op's
+    implementation is called directly: the dispatcher's round trip back into Python costs more host
+    time than the launch itself at ResNet-1001's sizes, and the result is the same. torch.compile,
+    fake tensors and dispatch modes (FakeTensorMode, counters) go through the registered op.
+    """
+
+    def __getattr__(self, name):
+        impl, op = IMPLS[name], getattr(_library_ops, name)
+
+        def call(first, *args):
+            # is_compiling first: torch.compile folds it to True and traces the op, never the C call
+            if (not torch.compiler.is_compiling() and first is not None and first.device.type != "meta"
+                    and torch._C._len_torch_dispatch_stack() == 0):
+                return impl(first, *args)
+            return op(first, *args)
+
+        setattr(self, name, call)
+        return call
+
+
+_ops = _Ops()
 
 
 # ---------------------------------------------------------------------------------------------
