@@ -71,6 +71,15 @@ BN_MODES = ("update", "update_cumulative", "stats", "fold", "running", "none")
 # several groups and a partial last one, and 9 channels that leave a partial channel block.
 MANY_TILES = (2, 9, 96, 96)
 
+# A convolution with many row tiles (18,432 output rows: 144 tiles of 128, several groups of every
+# in-launch tree, the last one partial; wgrad split over many chunks of pixels).
+MANY_TILES_CASE = ConvCase(2, 16, 16, 96, 96, 1, 1)
+# Wider than the vectors and tiles in every direction: 520 input channels (a 4 KB fold table); and a
+# BatchNorm of 1030 channels (12 KB of bn_backward coefficients, for check_bn_backward).
+WIDE_CASE = ConvCase(1, 520, 24, 3, 3, 1, 1)
+WIDE_BN_CASE = ConvCase(1, 1030, 1, 2, 3, 1, 1)
+
+
 def resnet1001_case(triple, batch: int) -> ConvCase:
     """The ConvCase of a RESNET1001_TRIPLES entry at ``batch``."""
     _, cin, cout, hw, k, stride = triple
@@ -456,6 +465,87 @@ def check_bn_backward(ops, case, dtype, device, layout_name, training, with_resi
     assert_close("bn_backward dx", dx, expected, dtype, same)
     if layout_name == "channels_last":
         assert dx.is_contiguous(memory_format=torch.channels_last), "bn_backward: output lost channels_last"
+
+
+def check_weight_in_activation_dtype(ops, case, dtype, device, layout_name="channels_last"):
+    """conv_fwd (a fold) and conv_dgrad with a weight in the activation dtype and channels_last (not
+    the float32 master): read as it is, as ``weight.to(x.dtype)`` gives; dW in the weight's format."""
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, device, layout_name)
+    dy = to_backend(t.dy, dtype, device, layout_name)
+    w = t.w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    t = Triple(**{**t.__dict__, "x": x.to(torch.float64).cpu(), "dy": dy.to(torch.float64).cpu(),
+                  "w": w.to(torch.float64).cpu().contiguous()})
+    fold64 = t.fold(True)
+    fold = to_backend(fold64, dtype, device)
+    with poisoned_allocations(device):
+        y, _, _ = ops.conv_fwd(x, w, case.stride, case.padding, fold=fold)
+        g, _ = ops.conv_dgrad(dy, w, x, case.stride, case.padding, None)
+        dw = ops.conv_wgrad(x, dy, w, case.stride, case.padding, fold)
+    a64 = F.relu(t.x * fold64[SCALE][:, None, None] + fold64[SHIFT][:, None, None])
+    y64 = F.conv2d(a64, t.w, stride=case.stride, padding=case.padding)
+    same = None
+    if dtype in (torch.bfloat16, torch.float16):
+        a = F.relu(x.cpu() * fold64[SCALE].to(dtype)[:, None, None] + fold64[SHIFT].to(dtype)[:, None, None])
+        same = F.conv2d(a, w.cpu(), stride=case.stride, padding=case.padding)
+    assert_close("conv_fwd y (weight in the activation dtype)", y, y64, dtype, same)
+    dx64 = torch.nn.grad.conv2d_input(t.x.shape, t.w, t.dy, stride=case.stride, padding=case.padding)
+    assert_close("conv_dgrad dx (weight in the activation dtype)", g, dx64, dtype, _same_dtype_dgrad(dy, t, case, dtype))
+    assert dw.dtype == stats_dtype(dtype) and dw.stride() == w.stride(), "conv_wgrad: dW not in the weight's format"
+
+
+def check_empty_batch(ops, dtype, device):
+    """Zero-element inputs (N = 0): no crash; empty activations; zero summaries, sums and dW."""
+    case = ConvCase(0, 5, 4, 6, 6, 3, 1)
+    sdt = stats_dtype(dtype)
+    x = to_backend(torch.zeros(0, 5, 6, 6, dtype=torch.float64), dtype, device)
+    dy = to_backend(torch.zeros(0, 4, 6, 6, dtype=torch.float64), dtype, device)
+    w = to_backend(make_triple(case).w, dtype, device).to(torch.float32 if dtype != torch.float64 else dtype)
+    fold = to_backend(torch.stack([torch.zeros(5), torch.ones(5), torch.ones(5), torch.zeros(5)]).double(), dtype, device)
+    zeros = (lambda *shape: torch.zeros(*shape, dtype=sdt))
+    y, y_stats, _ = ops.conv_fwd(x, w, 1, 1, fold=fold, want_stats=True)
+    assert y.shape == (0, 4, 6, 6) and y.dtype == dtype, f"conv_fwd: {tuple(y.shape)} {y.dtype}"
+    assert torch.equal(y_stats.cpu(), zeros(4, 4)), f"conv_fwd: summary of an empty batch {y_stats}"
+    assert torch.equal(ops.bn_stats(x).cpu(), zeros(4, 5)), "bn_stats: summary of an empty batch not zero"
+    g, sums = ops.conv_dgrad(dy, w, x, 1, 1, fold)
+    assert g.shape == x.shape and torch.equal(sums.cpu(), zeros(3, 5)), "conv_dgrad: empty batch"
+    dw = ops.conv_wgrad(x, dy, w, 1, 1, fold)
+    assert torch.equal(dw.cpu(), zeros(4, 5, 3, 3)), "conv_wgrad: dW of an empty batch not zero"
+    dx = ops.bn_backward(x, x, fold, torch.zeros(3, 5, dtype=sdt, device=device), 0.0, True, None)
+    assert dx.shape == x.shape, "bn_backward: empty batch"
+
+
+def check_bn_fold_low_precision_running(ops, device, buffer_dtype=torch.bfloat16):
+    """Running statistics in a low-precision dtype (a model converted with .to(bfloat16)): bn_fold
+    reads and updates them in their dtype (contract.update_running's formula, to within two of that
+    dtype's rounding steps), the fold from a float32 summary and from the buffers."""
+    case = ConvCase(2, 8, 1, 5, 5, 1, 1)
+    t = make_triple(case, seed=4, offset=2.0, spread=1.0)
+    summary = _summary_of(t.x).float()
+    rm0, rv0 = t.running_mean.to(buffer_dtype), t.running_var.to(buffer_dtype)
+    rm, rv = rm0.clone().to(device), rv0.clone().to(device)
+    nbt = torch.tensor(2, device=device)
+    with poisoned_allocations(device):
+        fold = ops.bn_fold(summary.to(device), None, None, rm, rv, nbt, EPS, 0.1, True)
+    assert rm.dtype == buffer_dtype and rv.dtype == buffer_dtype, "running statistics changed dtype"
+    assert int(nbt) == 3, "num_batches_tracked not incremented once"
+    _, mean, var = summary64(t.x)
+    invstd = 1 / torch.sqrt(var + EPS)
+    expected = torch.stack([mean, invstd, invstd, -mean * invstd])
+    for plane, name in ((MEAN, "mean"), (INVSTD, "invstd"), (SCALE, "scale"), (SHIFT, "shift")):
+        assert_stats_close(f"bn_fold {name}", fold[plane], expected[plane], torch.float32)
+    want_m, want_v = rm0.clone(), rv0.clone()
+    contract.update_running(summary, want_m, want_v, None, 0.1)
+    step = torch.finfo(buffer_dtype).eps
+    for name, got, want in (("running_mean", rm, want_m), ("running_var", rv, want_v)):
+        err = (got.cpu().double() - want.double()).abs().max().item()
+        assert err <= 2 * step * want.double().abs().max().item(), f"{name} in {buffer_dtype}: error {err:.3e}"
+    fold = ops.bn_fold(None, None, None, rm, rv, None, EPS, 0.1, False)
+    rm64, rv64 = rm.cpu().double(), rv.cpu().double()
+    invstd = 1 / torch.sqrt(rv64 + EPS)
+    expected = torch.stack([rm64, invstd, invstd, -rm64 * invstd])
+    for plane, name in ((MEAN, "mean"), (INVSTD, "invstd"), (SCALE, "scale"), (SHIFT, "shift")):
+        assert_stats_close(f"bn_fold (running, {buffer_dtype}) {name}", fold[plane], expected[plane], torch.float32)
 
 
 def check_nan_propagates(ops, dtype, device):

@@ -16,7 +16,7 @@ import torch
 from preact_fused import contract, reference
 
 import backend_checks as checks
-from backend_checks import BN_MODES, LAYOUTS, MANY_TILES, ODD_CASES
+from backend_checks import BN_MODES, LAYOUTS, MANY_TILES, MANY_TILES_CASE, ODD_CASES, WIDE_BN_CASE, WIDE_CASE
 
 HAS_GPU = torch.cuda.is_available()
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
@@ -42,7 +42,9 @@ class Backend:
         return self.name
 
 
-@pytest.fixture(params=["reference", "triton", "cuda"])
+# The ids are not "cuda": a test id that is a bare "cuda" is the keyword of the ``cuda`` marker
+# (tests/conftest.py), which skips the test without a GPU; the emulated kernels must run here.
+@pytest.fixture(params=["reference", "triton", "cuda"], ids=["reference", "triton", "cuda-kernels"])
 def backend(request, exact_cudnn):
     name = request.param
     if name == "reference":
@@ -125,6 +127,39 @@ def test_reruns_are_bit_identical(backend):
 @pytest.mark.parametrize("ratio", [1e3, 1e4])
 def test_statistics_accuracy_at_large_mean(backend, ratio):
     checks.check_statistics_accuracy(backend.ops, ratio, backend.device)
+
+
+def test_conv_many_tiles(backend):
+    """A convolution of 144 row tiles: several groups of every in-launch tree, the last partial."""
+    if backend.name == "triton" and not HAS_GPU:
+        pytest.skip("about 20 s under the Triton interpreter; tests/test_triton_gpu.py runs larger shapes on a GPU")
+    case, dtype, ops, device = MANY_TILES_CASE, backend.conv_dtypes[-1], backend.ops, backend.device
+    checks.check_conv_fwd(ops, case, dtype, device, "channels_last", "update", True, True)
+    checks.check_conv_dgrad(ops, case, dtype, device, "channels_last", True)
+    checks.check_conv_wgrad(ops, case, dtype, device, "channels_last", True)
+
+
+def test_wide_channels(backend):
+    """520 input channels (a 4 KB fold table) and a BatchNorm of 1030 channels."""
+    dtype, ops, device = backend.conv_dtypes[-1], backend.ops, backend.device
+    checks.check_conv_fwd(ops, WIDE_CASE, dtype, device, "nchw", "update", True, True)
+    checks.check_conv_dgrad(ops, WIDE_CASE, dtype, device, "nchw", True)
+    checks.check_conv_wgrad(ops, WIDE_CASE, dtype, device, "nchw", True)
+    checks.check_bn_backward(ops, WIDE_BN_CASE, backend.bn_dtypes[-1], device, "channels_last", True, True)
+
+
+def test_weight_in_activation_dtype(backend):
+    for dtype in backend.conv_dtypes:
+        checks.check_weight_in_activation_dtype(backend.ops, ODD_CASES[1], dtype, backend.device, "noncontiguous")
+
+
+def test_empty_batch(backend):
+    for dtype in backend.conv_dtypes:
+        checks.check_empty_batch(backend.ops, dtype, backend.device)
+
+
+def test_bn_fold_with_bfloat16_running_buffers(backend):
+    checks.check_bn_fold_low_precision_running(backend.ops, backend.device, torch.bfloat16)
 
 
 def test_ops_match_the_contract_signatures(backend):

@@ -1,11 +1,13 @@
-"""The compiled CUDA backend on a GPU against the reference (float64 on CPU), with the contract
-checks of tests/test_cuda_build.py (the same ones the emulated kernels pass on CPU).
+"""The compiled CUDA backend on a GPU against torch in float64, with the contract checks of
+tests/backend_checks.py (the ones every backend passes in tests/test_conformance.py, and the
+emulated kernels on CPU in tests/test_cuda_build.py).
 
 Needs a GPU (marker ``cuda``; skipped without one) and the built extension. Every op in float32
 (exact fp32: 1e-4 relative), bfloat16 and float16 (twice PyTorch's own error), on odd shapes in
-every layout and on the convolutions of a ResNet-1001 at batch 64 and 128; the in-launch trees
-with many tiles; one launch per op (profiler); bitwise reruns; torch.library.opcheck; torch.compile
-and CUDA-graph capture; and a few training steps of a fused ResNet-1001 against the reference.
+every layout and BatchNorm form, and on the convolutions of a ResNet-1001 (preact_fused/shapes.py)
+at batch 64 and 128; the in-launch trees with many tiles; one launch per op (profiler); bitwise
+reruns; torch.library.opcheck; torch.compile and CUDA-graph capture; and a few training steps of a
+fused ResNet-1001 against the reference.
 """
 import pytest
 import torch
@@ -13,25 +15,25 @@ import torch.nn.functional as F
 
 import preact_fused
 import preact_fused.cuda as ops
+from preact_fused.shapes import RESNET1001_TRIPLES, triple_roles
 
-from test_cuda_build import (BN_FORMS, LAYOUTS, MANY_TILES, ODD_CASES, ConvCase, check_bn_backward, check_bn_fold,
-                             check_bn_stats, check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
-                             check_empty_batch, check_nan_propagation, check_reruns_bit_identical, make_inputs,
-                             opcheck_samples)
+from backend_checks import (BN_MODES, LAYOUTS, MANY_TILES, MANY_TILES_CASE, ODD_CASES, WIDE_BN_CASE, ConvCase,
+                            check_bn_backward, check_bn_fold, check_bn_fold_low_precision_running, check_bn_stats,
+                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
+                            check_empty_batch, check_nan_propagates, check_on_second_device, check_reruns_identical,
+                            make_triple, opcheck_samples, resnet1001_case, to_backend)
 
 pytestmark = pytest.mark.cuda
 
 DEVICE = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Every distinct BN-ReLU-conv triple of the CIFAR ResNet-1001: (name, Cin, Cout, H=W, kernel, stride).
-RESNET1001_TRIPLES = [
-    ("stem", 3, 16, 32, 3, 1), ("s1.conv1", 64, 16, 32, 1, 1), ("s1.conv2", 16, 16, 32, 3, 1),
-    ("s1.conv3", 16, 64, 32, 1, 1), ("s2.conv1.first", 64, 32, 32, 1, 1), ("s2.conv2.first", 32, 32, 32, 3, 2),
-    ("s2.shortcut", 64, 128, 32, 1, 2), ("s2.conv3", 32, 128, 16, 1, 1), ("s2.conv1", 128, 32, 16, 1, 1),
-    ("s2.conv2", 32, 32, 16, 3, 1), ("s3.conv2.first", 64, 64, 16, 3, 2), ("s3.shortcut", 128, 256, 16, 1, 2),
-    ("s3.conv3", 64, 256, 8, 1, 1), ("s3.conv1", 256, 64, 8, 1, 1), ("s3.conv2", 64, 64, 8, 3, 1),
-]
-RESNET_CASES = [ConvCase(n, cin, cout, hw, hw, k, s) for n in (64, 128) for _, cin, cout, hw, k, s in RESNET1001_TRIPLES]
+BATCHES = [64, 128]
+
+
+def bn_case(shape) -> ConvCase:
+    """A ConvCase whose input is ``shape`` [N, C, H, W], for the BatchNorm checks (1x1, C -> C)."""
+    n, c, h, w = shape
+    return ConvCase(n, c, c, h, w, 1, 1)
 
 
 @pytest.fixture(autouse=True)
@@ -53,18 +55,18 @@ def _exact_fp32_torch():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_conv_fwd_odd(case, dtype, layout_name):
-    for form in BN_FORMS:
+    for mode in BN_MODES:
         for with_residual, want_stats in ((True, True), (False, False), (True, False), (False, True)):
-            check_conv_fwd(ops, case, dtype, DEVICE, layout_name, form, with_residual, want_stats)
+            check_conv_fwd(ops, case, dtype, DEVICE, layout_name, mode, with_residual, want_stats)
 
 
 @pytest.mark.parametrize("case", ODD_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_conv_dgrad_wgrad_odd(case, dtype, layout_name):
-    for with_fold in (True, False):
-        check_conv_dgrad(ops, case, dtype, DEVICE, layout_name, with_fold)
-        check_conv_wgrad(ops, case, dtype, DEVICE, layout_name, with_fold)
+    for training, with_bn in ((True, True), (False, True), (True, False)):
+        check_conv_dgrad(ops, case, dtype, DEVICE, layout_name, training, with_bn=with_bn)
+        check_conv_wgrad(ops, case, dtype, DEVICE, layout_name, training, with_bn=with_bn)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -73,59 +75,69 @@ def test_bn_ops(dtype, layout_name):
     check_bn_stats(ops, (3, 17, 9, 9), dtype, DEVICE, layout_name)
     check_bn_stats(ops, (1, 3, 7, 7), dtype, DEVICE, layout_name)
     check_bn_stats(ops, (4, 64, 16, 16), dtype, DEVICE, layout_name, offset=1000.0)
-    for shape in ((1, 3, 7, 7), (3, 17, 9, 9), (2, 1030, 3, 3)):
+    for case in (bn_case((1, 3, 7, 7)), bn_case((3, 17, 9, 9)), WIDE_BN_CASE):
         for training in (True, False):
-            check_bn_backward(ops, shape, dtype, DEVICE, layout_name, training, with_residual=True)
-            check_bn_backward(ops, shape, dtype, DEVICE, layout_name, training, with_residual=False)
+            check_bn_backward(ops, case, dtype, DEVICE, layout_name, training, with_residual=True)
+            check_bn_backward(ops, case, dtype, DEVICE, layout_name, training, with_residual=False)
 
 
-def test_bn_fold():
-    for momentum in (0.1, None):
-        check_bn_fold(ops, 17, DEVICE, momentum=momentum)
-    check_bn_fold(ops, 300, DEVICE, affine=False)
-    check_bn_fold(ops, 17, DEVICE, update=False)
-    check_bn_fold(ops, 17, DEVICE, stats_form=False)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_fold(dtype):
+    for mode in ("update", "update_cumulative", "stats", "running"):
+        check_bn_fold(ops, 17, dtype, DEVICE, mode)
+    check_bn_fold(ops, 300, dtype, DEVICE, "update", affine=False)
+    check_bn_fold(ops, 17, dtype, DEVICE, "running", affine=False)
+    check_bn_fold_low_precision_running(ops, DEVICE, torch.bfloat16)
 
 
 # ---- ResNet-1001 shapes, batch 64 and 128; many tiles -------------------------------------------
 
-@pytest.mark.parametrize("case", RESNET_CASES, ids=str)
+@pytest.mark.parametrize("triple", RESNET1001_TRIPLES, ids=lambda t: t[0])
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout_name", ["channels_last", "nchw"])
-def test_resnet1001_convs(case, dtype, layout_name):
-    with_bn = case.cin != 3  # the stem has no BN before it
-    check_conv_fwd(ops, case, dtype, DEVICE, layout_name, "stats_update" if with_bn else "none", with_bn, True)
-    check_conv_dgrad(ops, case, dtype, DEVICE, layout_name, with_bn)
-    check_conv_wgrad(ops, case, dtype, DEVICE, layout_name, with_bn)
+def test_resnet1001_convs(triple, batch, dtype, layout_name):
+    name, case, roles = triple[0], resnet1001_case(triple, batch), triple_roles(triple[0])
+    with_bn = roles["with_bn"]  # the stem has no BN before it
+    mode = "none" if not with_bn else "fold" if name.endswith("shortcut") else "update"
+    check_conv_fwd(ops, case, dtype, DEVICE, layout_name, mode, roles["with_residual"], roles["want_stats"])
+    check_conv_dgrad(ops, case, dtype, DEVICE, layout_name, True, with_bn=with_bn)
+    check_conv_wgrad(ops, case, dtype, DEVICE, layout_name, True, with_bn=with_bn)
 
 
 @pytest.mark.parametrize("shape", [(128, 64, 32, 32), (128, 256, 8, 8), (128, 16, 32, 32)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_resnet1001_bn(shape, dtype):
     check_bn_stats(ops, shape, dtype, DEVICE, "channels_last")
-    check_bn_backward(ops, shape, dtype, DEVICE, "channels_last", True, with_residual=True)
+    check_bn_backward(ops, bn_case(shape), dtype, DEVICE, "channels_last", True, with_residual=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_many_tiles_nan_empty_and_reruns(dtype):
-    check_conv_fwd(ops, MANY_TILES, dtype, DEVICE, "channels_last", "stats_update", True, True)
-    check_conv_dgrad(ops, MANY_TILES, dtype, DEVICE, "channels_last", True)
-    check_empty_batch(ops, DEVICE, dtype)
+    check_conv_fwd(ops, MANY_TILES_CASE, dtype, DEVICE, "channels_last", "update", True, True)
+    check_conv_dgrad(ops, MANY_TILES_CASE, dtype, DEVICE, "channels_last", True)
+    check_conv_wgrad(ops, MANY_TILES_CASE, dtype, DEVICE, "channels_last", True)
+    check_bn_stats(ops, MANY_TILES, dtype, DEVICE, "channels_last")
+    check_empty_batch(ops, dtype, DEVICE)
     for _ in range(3):  # arrival orders differ from run to run on a GPU; the results may not
-        check_reruns_bit_identical(ops, DEVICE, dtype)
-    check_nan_propagation(ops, DEVICE)
+        check_reruns_identical(ops, dtype, DEVICE)
+    check_nan_propagates(ops, torch.float32, DEVICE)
+
+
+def _channels_last_inputs(case, dtype):
+    """x, dy (channels_last, ``dtype``), the float32 weight and the summary of x, on the GPU."""
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, DEVICE, "channels_last")
+    dy = to_backend(t.dy, dtype, DEVICE, "channels_last")
+    w = to_backend(t.w, dtype, DEVICE).to(torch.float32)
+    return x, dy, w, ops.bn_stats(x)
 
 
 def test_one_kernel_launch_per_op():
     """Each op call is exactly one kernel (CUDA profiler): no packing, casting, zeroing or
     reducing kernels beside it, for inputs already channels_last in the op's dtype."""
     from torch.profiler import ProfilerActivity, profile
-    case = ConvCase(8, 64, 64, 16, 16, 3, 1)
-    t = make_inputs(case, torch.bfloat16)
-    cl = torch.channels_last
-    x = t["x"].to(DEVICE, torch.bfloat16).contiguous(memory_format=cl)
-    dy = t["dy"].to(DEVICE, torch.bfloat16).contiguous(memory_format=cl)
-    w, st = t["w"].to(DEVICE), t["stats"].to(DEVICE)
+    x, dy, w, st = _channels_last_inputs(ConvCase(8, 64, 64, 16, 16, 3, 1), torch.bfloat16)
     rm, rv, nbt = torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE), torch.tensor(0, device=DEVICE)
     _, _, fold = ops.conv_fwd(x, w, 1, 1, stats=st)
     calls = {
@@ -158,14 +170,11 @@ def test_opcheck(name, dtype):
 
 
 def test_torch_compile_fullgraph():
-    check_compiled_unit(ops, DEVICE)
+    check_compiled_unit(ops, DEVICE, torch.bfloat16)
 
 
 def test_cuda_graph_capture():
-    case = ConvCase(8, 64, 16, 32, 32, 1, 1)
-    t = make_inputs(case, torch.bfloat16)
-    x = t["x"].to(DEVICE, torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    w, st = t["w"].to(DEVICE), t["stats"].to(DEVICE)
+    x, _, w, st = _channels_last_inputs(ConvCase(8, 64, 16, 32, 32, 1, 1), torch.bfloat16)
     rm, rv, nbt = torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE), torch.tensor(1, device=DEVICE)
 
     def step():
@@ -196,14 +205,9 @@ def test_cuda_graph_capture():
 def test_tensors_on_another_gpu():
     """Every op with its tensors on cuda:1 while cuda:0 is current: the kernels run where the
     tensors are, on that device's stream (and with that device's counter workspace)."""
-    case = ODD_CASES[1]
+    check_on_second_device(ops)
     with torch.cuda.device(0):
-        check_conv_fwd(ops, case, torch.float32, "cuda:1", "channels_last", "stats_update", True, True)
-        check_conv_dgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
-        check_conv_wgrad(ops, case, torch.float32, "cuda:1", "channels_last", True)
-        check_bn_stats(ops, (3, 17, 9, 9), torch.float32, "cuda:1", "channels_last")
-        check_bn_fold(ops, 17, "cuda:1")
-        check_bn_backward(ops, (3, 17, 9, 9), torch.float32, "cuda:1", "channels_last", True, True)
+        check_bn_fold(ops, 17, torch.float32, "cuda:1", "update")
 
 
 # ---- a fused ResNet-1001 trained a few steps ----------------------------------------------------
