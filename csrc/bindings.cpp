@@ -432,6 +432,7 @@ Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, const Tensor& weight,
   a.dtype = dt;
   // dW in the weight's memory format (contract.weight_grad_like): autograd accumulates it without a copy.
   Tensor dw = at::empty_like(weight, weight.options().dtype(at::kFloat), at::MemoryFormat::Preserve);
+  TORCH_CHECK(dw.numel() < (int64_t{1} << 31), "preact_fused: a weight of ", dw.numel(), " elements (at most 2^31 - 1)");
   if (x.size(0) * ho * wo == 0) return dw.zero_();
   for (int d = 0; d < 4; ++d) a.dw_stride[d] = dw.stride(d);
   Tensor fold, part;

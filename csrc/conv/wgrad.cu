@@ -53,7 +53,7 @@ struct WgradParams {
   float* partials;         // [splits, cout, kfwd] when splits > 1
   int* counters;           // [tiles] zeroed arrival counters when splits > 1
   float* dw;               // [cout, cin, kh, kw] with strides dw_stride (the weight's memory format)
-  long long dw_stride[4];
+  int dw_stride[4];        // dW has far fewer than 2^31 elements (the bindings check)
 };
 
 template <typename T, int BN>
@@ -368,7 +368,7 @@ static cudaError_t run_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {
   p.partials = a.partials;
   p.counters = a.counters;
   p.dw = a.dw;
-  for (int d = 0; d < 4; ++d) p.dw_stride[d] = a.dw_stride[d];
+  for (int d = 0; d < 4; ++d) p.dw_stride[d] = static_cast<int>(a.dw_stride[d]);
   if (p.kfwd == 0 || s.cout == 0 || p.pixels == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(conv_wgrad_tiles(s)), static_cast<unsigned>(a.splits));
   switch (bn) {
