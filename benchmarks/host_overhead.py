@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -50,7 +49,7 @@ import preact_fused
 from preact_fused import backend as _backend
 from preact_fused import contract
 
-from . import RESULTS, environment, summarize
+from . import RESULTS, environment, summarize, write_json_atomic
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 DEFAULT_OUT = RESULTS / "local" / "host_overhead.json"
@@ -246,8 +245,7 @@ def main(argv=None) -> list[dict]:
                          "layout": "channels_last",
                          "dtype": "float32", "torch_threads": torch.get_num_threads()},
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json_atomic(args.out, record)
     print(f"wrote {args.out}")
     return rows
 

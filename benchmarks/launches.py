@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import sys
 from collections import Counter
@@ -79,7 +78,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import preact_fused  # noqa: E402
 from preact_fused.backend import unavailable_reason  # noqa: E402
 
-from . import RESULTS, environment  # noqa: E402
+from . import RESULTS, environment, write_json_atomic  # noqa: E402
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 GPU_BACKENDS = ("eager", "compiled", "reference", "triton", "cuda")
@@ -515,8 +514,7 @@ def main(argv=None) -> list[dict]:
                          "layout": args.layout,
                          "warmup": args.warmup, "resnet1001_units": RESNET1001_UNITS},
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json_atomic(args.out, record)
     print(f"wrote {args.out}")
     return rows
 

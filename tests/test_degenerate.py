@@ -3,13 +3,10 @@ unfused ones, or fail with a clear error.
 
 Each case runs on every backend the machine can run (``fused_backend``: reference; Triton under the
 CPU interpreter without a GPU; the CUDA kernels under the CPU emulator without a GPU), against the
-float64 unfused twin (tests/module_checks.py states the tolerances). Cases whose fix belongs in the
-kernels or the autograd path are marked xfail(strict=True) on the backends where they fail today,
-so each mark has to go when its fix lands.
+float64 unfused twin (tests/module_checks.py states the tolerances).
 """
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -25,18 +22,6 @@ from module_checks import RTOL, backend_dtype, compare, twin_of
 pytestmark = pytest.mark.usefixtures("one_thread", "exact_cudnn")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PENDING = "kernel fix pending"
-
-
-# A pending case fails its assertions (or an expected exception does not come); any other error is a
-# failure of its own.
-PENDING_FAILURES = (AssertionError, pytest.fail.Exception)
-
-
-def pending_on(request, *names, reason=PENDING):
-    """Mark the running test xfail(strict) when its backend is one of ``names``."""
-    if request.getfixturevalue("fused_backend") in names:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason, raises=PENDING_FAILURES))
 
 
 def module(backend, cin=5, cout=4, k=3, seed=0, **options):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import types
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
