@@ -376,15 +376,20 @@ def test_explicit_and_default_configurations(monkeypatch):
 def test_tile_prune(precision):
     """The GPU tile rules (conv.py): channel blocks fitted to the channel counts; register limits by
     precision (exact fp32: reduction 16, free rows 64; TF32: reduction 32) and by channel alignment
-    (counts that are not multiples of 16: reduction 32, free rows 64); tensor cores: free reduction
+    (counts that are not multiples of 16: reduction 32, free rows 64); 16-bit operands: no reduction
+    cap (they carry PRECISION "tf32", which must not cap them as TF32); tensor cores: free reduction
     blocks (wgrad's pixels) of at least 32."""
     import triton
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k})
                for m in (16, 64, 128) for n in (16, 32, 64, 128) for k in (16, 32, 64)]
 
+    # 16-bit operands carry PRECISION "tf32" (ignored by tl.dot for them), as dot_precision gives
+    operand = torch.empty(1, dtype=torch.float32 if precision else torch.bfloat16)
+
     def blocks(fit, **args):
-        kept = fit(configs, {"PRECISION": precision, **args})
+        kept = fit(configs, {"PRECISION": precision or common.dot_precision(operand.dtype, False), "a_ptr": operand,
+                             "x_ptr": operand, **args})
         return {name: sorted({c.kwargs[name] for c in kept}) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
 
     max_k = {"ieee": 16, "tf32": 32}.get(precision, 64)

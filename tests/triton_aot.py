@@ -109,7 +109,7 @@ def resnet1001_launches(dtype_name: str, batch: int):
                               residual=residual, tf32=tf32)
             fold = vec(4, cin) if preact else None
             conv.conv_dgrad(dy, w, x, stride, pad, fold, tf32=tf32)
-            conv.conv_wgrad(x, dy, w.shape, stride, pad, fold, tf32=tf32)
+            conv.conv_wgrad(x, dy, w, stride, pad, fold, tf32=tf32)
             stats.bn_stats(x)
             for training in (True, False):
                 bn_grad.bn_backward(x, x, vec(4, cin), vec(3, cin), 1000.0, training, None if training else x)

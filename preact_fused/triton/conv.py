@@ -82,7 +82,8 @@ MMA_MIN_FREE_BLOCK_K = 32
 
 
 def _limits(precision: str, aligned: bool) -> tuple[float, float, float]:
-    """(largest BLOCK_K, largest free BLOCK_M, smallest free BLOCK_K) under the rules above."""
+    """(largest BLOCK_K, largest free BLOCK_M, smallest free BLOCK_K) under the rules above;
+    precision: "ieee" or "tf32" (float32 operands), anything else for 16-bit ones."""
     max_k, max_free_m, min_free_k = math.inf, math.inf, MMA_MIN_FREE_BLOCK_K
     if precision == "ieee":
         max_k, max_free_m = IEEE_MAX_BLOCK_K, IEEE_MAX_FREE_BLOCK_M
@@ -104,7 +105,11 @@ def _fitting(fitted):
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        max_k, max_free_m, min_free_k = _limits(args["PRECISION"], all(args[a] % 16 == 0 for a in fitted.values()))
+        # the dot's operand dtype decides the rule: 16-bit operands carry PRECISION "tf32" (ignored
+        # by tl.dot for them) but are not TF32 operands
+        operand = args["a_ptr"] if "a_ptr" in args else args["x_ptr"]
+        precision = args["PRECISION"] if operand.dtype == torch.float32 else "mma16"
+        max_k, max_free_m, min_free_k = _limits(precision, all(args[a] % 16 == 0 for a in fitted.values()))
         configs = [c for c in configs if c.kwargs["BLOCK_K"] <= max_k
                    and ("BLOCK_M" in fitted or c.kwargs["BLOCK_M"] <= max_free_m)
                    and ("BLOCK_K" in fitted or c.kwargs["BLOCK_K"] >= min_free_k)]
