@@ -299,16 +299,24 @@ def build_emulated_cuda(build_directory: str | None = None):
              extra_include_paths=[str(CSRC / "emulate"), str(CSRC)],
              extra_cflags=["-DPF_EMULATE", "-O1", "-ffp-contract=off"], build_directory=build_directory,
              is_python_module=False, with_cuda=False)
-    libraries = [p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(EMULATED_NAMESPACE)]
-    if not libraries:
-        raise RuntimeError(f"the {EMULATED_NAMESPACE} ops are registered but their library is not known to torch.ops")
-    library = ctypes.CDLL(libraries[0])
+    library = emulator_library()
     try:
         counter = library.pf_emu_launches
     except AttributeError:
         raise RuntimeError("the loaded CUDA emulator has no launch counter (pf_emu_launches): rebuild it") from None
     counter.restype, counter.argtypes = ctypes.c_ulonglong, [ctypes.c_int]
     return getattr(torch.ops, EMULATED_NAMESPACE), counter
+
+
+def emulator_library() -> ctypes.CDLL:
+    """The loaded CUDA emulator build (after ``build_emulated_cuda``), for its ``extern "C"`` controls:
+    ``pf_emu_launches(reset)`` and ``pf_emu_skip_kernels(skip)`` (csrc/emulate/kernels.cpp)."""
+    libraries = [p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(EMULATED_NAMESPACE)]
+    if not libraries:
+        raise RuntimeError(f"the {EMULATED_NAMESPACE} ops are registered but their library is not known to torch.ops")
+    library = ctypes.CDLL(libraries[0])
+    library.pf_emu_skip_kernels.argtypes = [ctypes.c_int]
+    return library
 
 
 @contextlib.contextmanager

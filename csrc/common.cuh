@@ -26,7 +26,7 @@
 // PF_LAUNCH_SMEM also gives the bytes of dynamic shared memory (PF_DYNAMIC_SHARED in the kernel).
 #ifdef PF_EMULATE
 #define PF_LAUNCH(kernel, grid, block, stream, ...) \
-  (++::emu::launches(), ::emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__))
+  (++::emu::launches(), ::emu::skip_kernels() ? void() : ::emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__))
 #define PF_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
   (::emu::check_dynamic_shared(smem), PF_LAUNCH(kernel, grid, block, stream, __VA_ARGS__))
 #define PF_DYNAMIC_SHARED(type, name) type* const name = reinterpret_cast<type*>(::emu::dynamic_shared())

@@ -119,8 +119,8 @@ def test_a_backend_that_cannot_run_gets_a_row_saying_why(monkeypatch):
     row = launches.measure("cuda", device="cpu", **SMALL)
     assert "no host C++ compiler" in row["reason"] and "unit_forward" not in row
     assert "cannot run: RuntimeError: no host C++ compiler" in launches.table([row])
-    row = host_overhead.measure("cuda", steps=1, depths=(11, 20), device="cpu")
-    assert "use --device meta" in row["reason"]
+    row = host_overhead.measure("cuda", steps=1, depths=(11, 20), device="cpu")  # needs the emulator too
+    assert "no host C++ compiler" in row["reason"]
 
 
 def _run(module, *args, tmp_path):

@@ -111,4 +111,10 @@ inline long long& launches() {
   static long long count = 0;
   return count;
 }
+// When set, PF_LAUNCH counts a launch but runs nothing: the host path of the ops alone, for
+// benchmarks/host_overhead.py (pf_emu_skip_kernels, kernels.cpp).
+inline bool& skip_kernels() {
+  static bool skip = false;
+  return skip;
+}
 }  // namespace emu

@@ -11,3 +11,7 @@ extern "C" unsigned long long pf_emu_launches(int reset) {
   if (reset != 0) emu::launches() = 0;
   return n;
 }
+
+// Kernels count as launched but do not run while skip != 0 (the host path alone, for
+// benchmarks/host_overhead.py); called through ctypes.
+extern "C" void pf_emu_skip_kernels(int skip) { emu::skip_kernels() = skip != 0; }
