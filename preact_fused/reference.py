@@ -20,21 +20,19 @@ def unavailable_reason(device) -> None:
     return None
 
 
-def preact(x, fold):
-    """P(x): relu(fma(x, scale, shift)) in the statistics dtype, NaN kept, rounded to x's dtype.
+def bn_z(x, fold):
+    """z = fma(x, scale, shift) per channel in the statistics dtype: the ReLU's input."""
+    return torch.addcmul(fold[SHIFT][:, None, None], x.to(fold.dtype), fold[SCALE][:, None, None])
 
-    x: [N, C, H, W]; fold: [4, C] or None (the identity loader: x itself).
+
+def preact(x, fold):
+    """P(x): relu(z) (PyTorch's ReLU: NaN kept) rounded to x's dtype; x itself without a fold.
+
+    x: [N, C, H, W]; fold: [4, C] or None (the identity loader).
     """
     if fold is None:
         return x
-    z = torch.addcmul(fold[SHIFT][:, None, None], x.to(fold.dtype), fold[SCALE][:, None, None])
-    return z.masked_fill(z <= 0, 0).to(x.dtype)
-
-
-def relu_passes(x, fold):
-    """Where the gradient passes the ReLU: z > 0 or z NaN (PyTorch's threshold_backward), z as forward."""
-    z = torch.addcmul(fold[SHIFT][:, None, None], x.to(fold.dtype), fold[SCALE][:, None, None])
-    return ~(z <= 0)
+    return torch.relu(bn_z(x, fold)).to(x.dtype)
 
 
 def _rows(t):
@@ -83,7 +81,7 @@ def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
     """(g, sums) or (dx, None): the gradient through the convolution, masked by the BN-ReLU.
 
     dy: [N, Cout, Ho, Wo]; x: [N, Cin, H, W], the pre-BN input (it fixes H, W). With ``fold``:
-    g = dP * relu_passes [N, Cin, H, W] in dy's dtype and sums [3, Cin] (sum_g, sum_gx, dgamma),
+    g = dP masked by the ReLU [N, Cin, H, W] in dy's dtype and sums [3, Cin] (sum_g, sum_gx, dgamma),
     summed before g is rounded. Without: the plain input gradient.
     """
     da = torch.nn.grad.conv2d_input(x.shape, weight.to(dy.dtype), dy, stride=stride, padding=padding)
@@ -94,8 +92,9 @@ def conv_dgrad(dy, weight, x, stride: int, padding: int, fold=None):
 
 
 def masked_grad_and_sums(da, x, fold):
-    """g = da * relu_passes (statistics dtype) and its sums [3, C]: the BN-ReLU backward up to bn_backward."""
-    g = torch.where(relu_passes(x, fold), da.to(fold.dtype), 0)
+    """g = PyTorch's ReLU backward of da at z (0 where z <= 0; NaN z passes), in the statistics
+    dtype, and its sums [3, C]: the BN-ReLU backward up to bn_backward."""
+    g = torch.ops.aten.threshold_backward(da.to(fold.dtype), bn_z(x, fold), 0)
     sum_g = g.sum((0, 2, 3))
     sum_gx = (g * (x.to(fold.dtype) - fold[MEAN][:, None, None])).sum((0, 2, 3))
     return g, torch.stack([sum_g, sum_gx, sum_gx * fold[INVSTD]])
