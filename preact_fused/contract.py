@@ -252,8 +252,7 @@ def register_fakes(namespace: str) -> None:
     def _bn_fold(stats, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
                  update_running):
         ref = stats if stats is not None else running_mean
-        c = stats.shape[1] if stats is not None else running_mean.shape[0]
-        return ref.new_empty((4, c), dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
+        return vector_out(ref, stats.shape[1] if stats is not None else running_mean.shape[0], True)
 
     @torch.library.register_fake(f"{namespace}::conv_dgrad")
     def _conv_dgrad(dy, weight, x, stride, padding, fold):

@@ -110,7 +110,7 @@ class FusedChain(torch.autograd.Function):
     def forward(ctx, chain: Chain, ops, x, stats, want_stats, given, used, *params):
         triples, n = chain.triples, len(chain.triples)
         triple_params, sibling_weights = _split(chain, params)
-        inputs, folds, modes = [], [], []
+        inputs, applied = [], []
         h, siblings_out = x, []
         for i, (bn, conv) in enumerate(triples):
             stride, padding = chain.geometry[i]
@@ -141,17 +141,17 @@ class FusedChain(torch.autograd.Function):
                                           want_stats=want)
             fold = bn_kwargs.get("fold", fold)
             inputs.append(h)
-            folds.append(fold)
-            modes.append(mode)
-            used.append(UsedFold(fold, mode))
+            applied.append(UsedFold(fold, mode))
             if i == 0:
                 for j, sibling in enumerate(chain.siblings):
                     s_stride, s_padding = chain.geometry[n + j]
                     siblings_out.append(ops.conv_fwd(x, sibling_weights[j], s_stride, s_padding, fold=fold)[0])
             h = y
-        ctx.save_for_backward(*inputs, *[f for f in folds if f is not None], *params)
-        ctx.chain, ctx.ops, ctx.modes = chain, ops, modes
-        ctx.has_fold = [f is not None for f in folds]
+        used.extend(applied)
+        ctx.save_for_backward(*inputs, *[u.fold for u in applied if u.fold is not None], *params)
+        ctx.chain, ctx.ops = chain, ops
+        ctx.modes = [u.mode for u in applied]
+        ctx.has_fold = [u.fold is not None for u in applied]
         ctx.set_materialize_grads(False)
         if stats is None:  # an empty tensor, not None: torch.compile traces every output as a tensor
             stats = h.new_empty(0, dtype=torch.float32)
@@ -173,34 +173,26 @@ def _chain_backward(ctx, dy, d_siblings):
     inputs, fold_iter = saved[:n], iter(saved[n:n + n_folds])
     folds = [next(fold_iter) if has else None for has in ctx.has_fold]
     triple_params, sibling_weights = _split(chain, saved[n + n_folds:])
-    needs = iter(ctx.needs_input_grad[7:])
-    needs_params = []
-    for bn, conv in chain.triples:
-        entry = {"w": next(needs)}
-        if bn is not None:
-            entry["gamma"] = next(needs) if bn.weight is not None else False
-            entry["beta"] = next(needs) if bn.bias is not None else False
-        needs_params.append(entry)
-    needs_siblings = [next(needs) for _ in chain.siblings]
+    # needs_input_grad of the parameters, split like them: (weight, gamma or None, beta or None)
+    needs_params, needs_siblings = _split(chain, ctx.needs_input_grad[7:])
     needs_x = ctx.needs_input_grad[2]
 
-    grads = [dict() for _ in chain.triples]
+    grads = [[None, None, None] for _ in chain.triples]  # (dW, dgamma, dbeta) per triple
     sibling_dw = [None] * len(chain.siblings)
     d = dy
-    dx = None
     if chain.residual == "sibling":
         d_siblings = (dy,) + tuple(d_siblings[1:])
     for i in reversed(range(n)):
-        bn, conv = chain.triples[i]
+        bn = chain.triples[i][0]
         h, fold = inputs[i], folds[i]
         weight = triple_params[i][0]
         stride, padding = chain.geometry[i]
         if d is None:
             continue
-        upstream = i > 0 or needs_x or needs_params[i].get("gamma") or needs_params[i].get("beta") \
-            or (i == 0 and any(needs_siblings))
-        if needs_params[i]["w"]:
-            grads[i]["w"] = ops.conv_wgrad(h, d, weight, stride, padding, fold)
+        needs_w, needs_gamma, needs_beta = needs_params[i]
+        upstream = i > 0 or needs_x or needs_gamma or needs_beta or any(needs_siblings)
+        if needs_w:
+            grads[i][0] = ops.conv_wgrad(h, d, weight, stride, padding, fold)
         if not upstream:
             d = None
             continue
@@ -230,16 +222,12 @@ def _chain_backward(ctx, dy, d_siblings):
         total = pairs[0][1]
         for _, more in pairs[1:]:
             total = total + more
-        grads[i]["gamma"], grads[i]["beta"] = total[DGAMMA], total[SUM_G]
+        grads[i][1:] = total[DGAMMA], total[SUM_G]
     dx = d if needs_x else None
 
     out = [dx, None, None, None, None]
-    for (weight, gamma, beta), need, grad in zip(triple_params, needs_params, grads):
-        out.append(_cast_like(grad.get("w"), weight) if need["w"] else None)
-        if gamma is not None:
-            out.append(_cast_like(grad.get("gamma"), gamma) if need["gamma"] else None)
-        if beta is not None:
-            out.append(_cast_like(grad.get("beta"), beta) if need["beta"] else None)
+    for params, needs, grad in zip(triple_params, needs_params, grads):
+        out += [_cast_like(g, p) if need else None for p, need, g in zip(params, needs, grad) if p is not None]
     out += [_cast_like(dw, w) for dw, w in zip(sibling_dw, sibling_weights)]
     return tuple(out)
 

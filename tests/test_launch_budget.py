@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import types
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -75,32 +76,24 @@ def _unit_counts(block, x, monkeypatch):
     return forward, forward_glue, dict(calls), dict(glue.ops)
 
 
-def test_bottleneck_unit_is_3_ops_forward_9_backward(monkeypatch):
-    torch.manual_seed(0)
-    block = PreActBottleneck(16, 4).double()
-    forward, forward_glue, backward, backward_glue = _unit_counts(block, torch.randn(2, 16, 5, 5, dtype=torch.float64),
-                                                                  monkeypatch)
-    assert forward == {"conv_fwd": 3}
-    assert backward == {"conv_dgrad": 3, "conv_wgrad": 3, "bn_backward": 3}
-    assert forward_glue == {} and backward_glue == {}, (forward_glue, backward_glue)
+# (unit, input shape, contract ops per kind, ATen ops that do work in the backward glue)
+UNITS = {
+    "bottleneck": (lambda: PreActBottleneck(16, 4), (2, 16, 5, 5), 3, {}),
+    # a projection unit adds only the shortcut conv, and one add: the first BN's sums [3, C] of its
+    # two consumers
+    "projection": (lambda: PreActBottleneck(8, 4, stride=2), (2, 8, 5, 5), 4, {"add": 1}),
+    "basic": (lambda: PreActBasicBlock(8, 8), (1, 8, 5, 5), 2, {}),
+}
 
 
-def test_projection_unit_adds_only_the_shortcut_conv(monkeypatch):
+@pytest.mark.parametrize("unit", list(UNITS))
+def test_unit_calls_each_contract_op_once_per_conv_and_nothing_else(unit, monkeypatch):
+    make, shape, convs, expected_backward_glue = UNITS[unit]
     torch.manual_seed(0)
-    block = PreActBottleneck(8, 4, stride=2).double()
-    forward, forward_glue, backward, backward_glue = _unit_counts(block, torch.randn(2, 8, 5, 5, dtype=torch.float64),
+    block = make().double()
+    forward, forward_glue, backward, backward_glue = _unit_counts(block, torch.randn(*shape, dtype=torch.float64),
                                                                   monkeypatch)
-    assert forward == {"conv_fwd": 4}
-    assert backward == {"conv_dgrad": 4, "conv_wgrad": 4, "bn_backward": 4}
+    assert forward == {"conv_fwd": convs}
+    assert backward == {"conv_dgrad": convs, "conv_wgrad": convs, "bn_backward": convs}
     assert forward_glue == {}
-    assert backward_glue == {"add": 1}, backward_glue  # the first BN's sums [3, C] of its two consumers
-
-
-def test_basic_unit_is_2_ops_forward_6_backward(monkeypatch):
-    torch.manual_seed(0)
-    block = PreActBasicBlock(8, 8).double()
-    forward, forward_glue, backward, backward_glue = _unit_counts(block, torch.randn(1, 8, 5, 5, dtype=torch.float64),
-                                                                  monkeypatch)
-    assert forward == {"conv_fwd": 2}
-    assert backward == {"conv_dgrad": 2, "conv_wgrad": 2, "bn_backward": 2}
-    assert forward_glue == {} and backward_glue == {}, (forward_glue, backward_glue)
+    assert backward_glue == expected_backward_glue, backward_glue
