@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -140,6 +142,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def command_line(module: str, argv) -> str:
+    """The shell command that ran benchmark ``module`` with ``argv`` (None: this process's arguments)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def environment(device: torch.device) -> dict:

@@ -51,7 +51,7 @@ import preact_fused
 from preact_fused import backend as _backend
 from preact_fused import contract
 
-from . import RESULTS, environment, summarize, write_json_atomic
+from . import RESULTS, command_line, environment, summarize, write_json_atomic
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 DEFAULT_OUT = RESULTS / "local" / "host_overhead.json"
@@ -250,7 +250,8 @@ def main(argv=None) -> list[dict]:
           f"per unit = (depth {large} - depth {small}) / {units} units")
     print(table(rows))
     batch, image = SIZES[args.device]
-    record = {"environment": environment(torch.device(args.device)),
+    record = {"command": command_line("benchmarks.host_overhead", argv),
+              "environment": environment(torch.device(args.device)),
               "method": f"{args.device} device (see benchmarks/host_overhead.py)",
               "config": {"steps": args.steps, "depths": [small, large], "batch": batch, "image": image,
                          "layout": "channels_last",

@@ -78,7 +78,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import preact_fused  # noqa: E402
 from preact_fused.backend import unavailable_reason  # noqa: E402
 
-from . import RESULTS, environment, write_json_atomic  # noqa: E402
+from . import RESULTS, command_line, environment, write_json_atomic  # noqa: E402
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 GPU_BACKENDS = ("eager", "compiled", "reference", "triton", "cuda")
@@ -517,7 +517,8 @@ def main(argv=None) -> list[dict]:
     print(f"Kernel launches ({method}); batch {args.batch}, {args.image}x{args.image}, float32, {args.layout}, "
           f"per unit = (depth {high} - depth {low}) / {3 * ((high - low) // 9)} units")
     print(table(rows))
-    record = {"environment": environment(device), "method": method,
+    record = {"command": command_line("benchmarks.launches", argv),
+              "environment": environment(device), "method": method,
               "config": {"depths": [low, high], "batch": args.batch, "image": args.image, "dtype": "float32",
                          "layout": args.layout,
                          "warmup": args.warmup, "resnet1001_units": RESNET1001_UNITS},

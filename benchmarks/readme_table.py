@@ -1,14 +1,19 @@
-"""Rewrite the README's GPU figures from committed results: never typed by hand.
+"""Rewrite the README's measured figures from committed results: never typed by hand.
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md] [--check]
 
-Reads, for every GPU folder under ``--results`` (any folder but ``cpu`` and ``local``), its
-``resnet1001.json`` (the main benchmark at batch 128: images/s and peak memory per variant, loss
-check), ``sweep.json`` (the headline: images/s at the largest batch eager AMP fits, and each
-variant's largest batch) and ``kernel_ops.json`` (network totals per backend, cuDNN's fused
-patterns included), and replaces the text between ``<!-- gpu-results:begin -->`` and
-``<!-- gpu-results:end -->`` in the README. Rows marked invalid (their backend failed the
-correctness smoke) are left out and counted. Without GPU results the section says so.
+Each section of the README between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` is generated:
+
+* ``gpu-results``: for every GPU folder under ``--results`` (any folder but ``cpu`` and ``local``),
+  its ``resnet1001.json`` (the main benchmark at batch 128: images/s and peak memory per variant,
+  loss check), ``sweep.json`` (the headline: images/s at the largest batch eager AMP fits, and each
+  variant's largest batch) and ``kernel_ops.json`` (network totals per backend, cuDNN's fused
+  patterns included). Rows marked invalid (their backend failed the correctness smoke) are left out
+  and counted. Without GPU results the section says so.
+* ``cpu-launches`` and ``cpu-host-overhead``: ``cpu/launches.json`` (``python -m benchmarks.launches``)
+  and ``cpu/host_overhead.json`` (``python -m benchmarks.host_overhead``), each with the command and
+  machine that produced it.
+
 ``--check`` exits 1 when the README is not what the results generate (for CI), writing nothing.
 """
 from __future__ import annotations
@@ -20,7 +25,12 @@ from pathlib import Path
 
 from . import RESULTS
 
-BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
+def markers(name: str) -> tuple[str, str]:
+    """The comments around the README's generated section ``name``."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+BEGIN, END = markers("gpu-results")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -89,12 +99,37 @@ def gpu_section(results: Path) -> str:
     return "\n\n".join(parts)
 
 
-def render(readme_text: str, section: str) -> str:
-    if BEGIN not in readme_text or END not in readme_text:
-        raise ValueError(f"the README has no {BEGIN} ... {END} section")
-    head, rest = readme_text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{section}\n{END}{tail}"
+def _cpu_record_section(results: Path, name: str, table) -> str:
+    """The table of the CPU record ``cpu/NAME.json`` with the command and machine that produced it."""
+    record = _load(results / "cpu" / f"{name}.json")
+    if record is None:
+        return f"**Not measured yet:** no `benchmarks/results/cpu/{name}.json`."
+    env = record["environment"]
+    return (f"`{record.get('command', '?')}` on {env.get('device_name', '?')} ({env.get('cpu_count', '?')} cores; "
+            f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, {env.get('date', '?')}):\n\n"
+            f"{table(record['rows'])}")
+
+
+def launches_section(results: Path) -> str:
+    from .launches import table
+    return _cpu_record_section(results, "launches", table)
+
+
+def host_overhead_section(results: Path) -> str:
+    from .host_overhead import table
+    return _cpu_record_section(results, "host_overhead", table)
+
+
+SECTIONS = {"gpu-results": gpu_section, "cpu-launches": launches_section, "cpu-host-overhead": host_overhead_section}
+
+
+def render(readme_text: str, section: str, name: str = "gpu-results") -> str:
+    begin, end = markers(name)
+    if begin not in readme_text or end not in readme_text:
+        raise ValueError(f"the README has no {begin} ... {end} section")
+    head, rest = readme_text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{section}\n{end}{tail}"
 
 
 def main(argv=None) -> int:
@@ -104,11 +139,13 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date; write nothing")
     args = p.parse_args(argv)
     text = args.readme.read_text()
-    new = render(text, gpu_section(args.results))
+    new = text
+    for name, section in SECTIONS.items():
+        new = render(new, section(args.results), name)
     if args.check:
         return 0 if new == text else 1
     args.readme.write_text(new)
-    print(f"rewrote the GPU results section of {args.readme}")
+    print(f"rewrote the generated sections of {args.readme}: {', '.join(SECTIONS)}")
     return 0
 
 

@@ -343,6 +343,24 @@ def test_readme_table_from_a_fixture(tmp_path):
     assert render(text, section) == text
 
 
+def test_readme_cpu_sections_from_a_fixture(tmp_path):
+    """The CPU records' sections name the command and machine of the record, or say none exists."""
+    from benchmarks.readme_table import host_overhead_section, launches_section
+
+    assert "Not measured yet" in launches_section(tmp_path)
+    (tmp_path / "cpu").mkdir()
+    env = {"device_name": "Some CPU", "cpu_count": 2, "torch": "2.14", "triton": "3.8", "date": "d"}
+    row = {"backend": "eager", "reason": None, "unit_step_s": 4e-4, "unit_forward_s": 1e-4, "unit_backward_s": 3e-4,
+           **{f"resnet1001_{w}_s": {"median": v, "q20": v, "q80": v} for w, v in
+              (("step", 0.16), ("forward", 0.06), ("backward", 0.1))}}
+    (tmp_path / "cpu" / "host_overhead.json").write_text(json.dumps(
+        {"command": "python -m benchmarks.host_overhead --device cpu", "environment": env,
+         "rows": [row, {"backend": "triton", "reason": "no triton"}]}))
+    section = host_overhead_section(tmp_path)
+    assert section.startswith("`python -m benchmarks.host_overhead --device cpu` on Some CPU (2 cores;")
+    assert "| eager | 160.0 |" in section and "| 400 | 1.00x |" in section and "cannot run: no triton" in section
+
+
 def test_readme_table_is_current():
     from benchmarks.readme_table import main as table_main
 

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import preact_fused.triton as triton_ops  # noqa: E402
 from preact_fused import contract, reference  # noqa: E402
-from preact_fused.triton import common, conv, ops  # noqa: E402
+from preact_fused.triton import common, conv, launch, ops  # noqa: E402
 
 from backend_checks import (check_compiled_unit, opcheck_samples, poisoned_allocations,  # noqa: E402
                             rel_error)
@@ -106,6 +106,12 @@ def launches(monkeypatch):
             with _disable_current_modes():
                 return _original(self, *args, **kwargs)
         monkeypatch.setattr(cls, "run", run)
+    direct = launch._Compiled.__call__  # on a GPU, a plan's later launches bypass JITFunction.run
+
+    def run_compiled(self, *args):
+        counted[self._kernel.name] += 1
+        return direct(self, *args)
+    monkeypatch.setattr(launch._Compiled, "__call__", run_compiled)
     return counted
 
 
@@ -418,6 +424,7 @@ def test_autotuning_once_per_problem_and_never_while_capturing(monkeypatch):
 
     monkeypatch.setattr(Autotuner, "run", counted)
     monkeypatch.setattr(conv, "_chosen", {})
+    monkeypatch.setattr(launch, "_plans", {})
     x = _cl(_rand(3, 17, 9, 9, offset=0.5))
     w = _rand(3, 17, 3, 3, seed=2).to(DEVICE, F32)
     stats = triton_ops.bn_stats(x)
@@ -428,10 +435,10 @@ def test_autotuning_once_per_problem_and_never_while_capturing(monkeypatch):
                              running_var=torch.ones(17, device=DEVICE), num_batches_tracked=nbt,
                              update_running=True, want_stats=True)
 
-    monkeypatch.setattr(conv, "_capturing", lambda args: True)
+    monkeypatch.setattr(conv, "_capturing", lambda device: True)
     captured = forward()
     assert tuned == [] and conv._chosen == {}
-    monkeypatch.setattr(conv, "_capturing", lambda args: False)
+    monkeypatch.setattr(conv, "_capturing", lambda device: False)
     first, again = forward(), forward()
     assert tuned == ["_conv_kernel"] and len(conv._chosen) == 1
     assert int(nbt) == 3

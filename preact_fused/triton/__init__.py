@@ -6,6 +6,8 @@ conv.py      implicit-GEMM forward / dgrad (one kernel, compile-time loader and 
 stats.py     bn_stats (summary of a tensor) and bn_fold (fold, running statistics)
 bn_grad.py   bn_backward: dx = scale*g + B*x + C [+ d_residual], elementwise
 ops.py       torch.library ops (namespace ``preact_fused_triton``) and the contract's functions
+launch.py    launches prepared once per problem (arguments, grid, configuration, output layouts),
+             and on a GPU the compiled kernel launched directly after the first launch
 common.py    the fold, the BN-ReLU activation, tap geometry, the in-launch reduction tree, semaphores
 
 Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1`` set before

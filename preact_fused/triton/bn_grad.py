@@ -9,7 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cdiv, empty_nhwc, next_power_of_2, strides4
+from .common import INTERPRET, cdiv, empty_nhwc, next_power_of_2, semaphores, strides4, vector
+from .launch import Plan, launch, pointer
 
 _MAX_BLOCK_C, _TILE = (16, 256) if INTERPRET else (128, 4096)  # channels per program, elements per program
 
@@ -54,25 +55,32 @@ def _bn_backward_kernel(
 
 def bn_backward(g, x, fold, sums, count, training, d_residual):
     """dx [N, C, H, W] channels_last in x's dtype (contract.bn_backward); inputs in any layout."""
-    n, c, h, w = x.shape
-    rows = n * h * w
-    dx = empty_nhwc(n, c, h, w, x)
     if fold.dim() != 2 or (training and sums.dim() != 2):
         raise ValueError("bn_backward needs fold [4, C] and, in training, sums [3, C]")
-    block_c = min(_MAX_BLOCK_C, next_power_of_2(max(c, 1)))
-    block_r = _TILE // block_c
-    grid = (max(1, cdiv(rows, block_r)), max(1, cdiv(c, block_c)))
-    dummy = fold
+    inputs = (g, x, d_residual, vector(fold), vector(sums) if training else None)
+    problem = ("bn_backward", float(count), bool(training))
 
-    def act(t, ptr, prefix):
-        t = dummy if t is None else t if t.numel() else t.new_empty(1)
-        s = strides4(t) if t.dim() == 4 else (0, 0, 0, 0)
-        return {ptr: t, **{f"{prefix}_{d}": v for d, v in zip("nchw", s)}}
+    def build():
+        n, c, h, w = x.shape
+        rows = n * h * w
+        outputs = (empty_nhwc(n, c, h, w, x),)
+        tensors = (*inputs, *outputs)  # g, x, d_residual, fold, sums, dx
+        block_c = min(_MAX_BLOCK_C, next_power_of_2(max(c, 1)))
+        block_r = _TILE // block_c
+        grid = (max(1, cdiv(rows, block_r)), max(1, cdiv(c, block_c)))
+        dummy = semaphores(x.device, 1)  # stands in for pointers this problem does not dereference
 
-    _bn_backward_kernel[grid](
-        **act(g, "g_ptr", "sg"), **act(x, "x_ptr", "sx"), **act(d_residual, "dr_ptr", "sr"),
-        dx_ptr=dx if dx.numel() else dx.new_empty(1), fold_ptr=fold.contiguous(),
-        sums_ptr=sums.contiguous() if training and sums.numel() else dummy,
-        M=rows, C=c, H=h, W=w, count=float(count), TRAINING=bool(training), HAS_RESIDUAL=d_residual is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if INTERPRET else 8)
-    return dx
+        def act(index, ptr, prefix):
+            t = tensors[index]
+            s = strides4(t) if t is not None and t.numel() and t.dim() == 4 else (0, 0, 0, 0)
+            return {ptr: pointer(tensors, index, dummy), **{f"{prefix}_{d}": v for d, v in zip("nchw", s)}}
+
+        kwargs = dict(**act(0, "g_ptr", "sg"), **act(1, "x_ptr", "sx"), **act(2, "dr_ptr", "sr"),
+                      dx_ptr=pointer(tensors, 5, dummy), fold_ptr=pointer(tensors, 3, dummy),
+                      sums_ptr=pointer(tensors, 4, dummy), M=rows, C=c, H=h, W=w, count=float(count),
+                      TRAINING=bool(training), HAS_RESIDUAL=d_residual is not None, BLOCK_R=block_r,
+                      BLOCK_C=block_c)
+        return Plan(_bn_backward_kernel, kwargs, outputs, lambda meta: grid,
+                    triton.Config({}, num_warps=4 if INTERPRET else 8))
+
+    return launch(problem, build, inputs, x.device)[0]

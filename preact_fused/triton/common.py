@@ -53,10 +53,17 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def on_device_of(t: torch.Tensor):
     """A context in which kernels launch on t's device: Triton launches on the current CUDA device
-    (and its current stream), which need not hold the tensors. A no-op for CPU tensors."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    (and its current stream), which need not hold the tensors. A no-op for CPU tensors and for
+    tensors on the current device."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(device)
 
 
 def check_activation(t: torch.Tensor, name: str) -> None:
@@ -81,11 +88,9 @@ def strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0) if t is None else tuple(t.stride())
 
 
-def vector(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+def vector(t: torch.Tensor | None) -> torch.Tensor | None:
     """A per-channel input as it is (kernels cast on load); a copy only if it is not contiguous."""
-    if t is None:
-        return None
-    return t if t.is_contiguous() else t.contiguous()
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def buffer(t: torch.Tensor | None, name: str) -> torch.Tensor | None:

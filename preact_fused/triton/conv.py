@@ -36,6 +36,7 @@ from .. import contract
 from .common import (BN_FOLD, BN_NONE, BN_RUNNING, BN_STATS, GROUP, INTERPRET, KIND_SUMMARY, KIND_SUMS,
                      bn_fold_vectors, bn_z, buffer, cdiv, dot_precision, empty_nhwc, next_power_of_2, preact,
                      reduce_tiles, semaphores, sm_count, source_offset, strides4, tile_summary, vector, write_fold)
+from .launch import Plan, Slot, launch, pointer
 
 
 # Autotuning times the configurations that fit a problem (the interpreter has a single one);
@@ -119,11 +120,6 @@ def _fitting(fitted):
                    for block, arg in fitted.items()}
         return [c for c in configs if all(c.kwargs[b] == t for b, t in targets.items())]
     return prune
-
-
-_CONV_FIT = _fitting({"BLOCK_N": "N_out", "BLOCK_K": "K_ch"})
-_WGRAD_FIT = _fitting({"BLOCK_M": "Cin", "BLOCK_N": "Cout"})
-
 
 
 _CONV_FIT = _fitting({"BLOCK_N": "N_out", "BLOCK_K": "K_ch"})
@@ -316,46 +312,43 @@ def _wgrad_kernel(
         tl.store(dw_ptr + dw_off, total, mask=tile_ok)
 
 
-# The tile configuration chosen for each (kernel, autotuning key, argument dtypes) so far.
+# The tile configuration chosen for each (kernel, autotuning key, tensor dtypes) so far.
 _chosen: dict[tuple, triton.Config] = {}
 _tuning = threading.Lock()
 
 
-def _capturing(args) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of the arguments' device."""
-    tensor = next(v for v in args.values() if isinstance(v, torch.Tensor))
-    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _launch(kernel, fit, grid, args, config):
-    """Launch an autotuned kernel with keyword ``args``.
+def _plan(kernel, fit, grid, kwargs, tensors, outputs, config, device) -> Plan:
+    """The Plan of an autotuned kernel's launch (kwargs: its arguments, Slots for ``tensors``, the
+    call's inputs and example outputs).
 
-    config None: the configuration chosen for this problem. The first launch of a problem times the
-    fitting configurations (Triton's autotuner, which keeps per-call state on the kernel: one thread
-    at a time); later launches reuse the choice without the autotuner. Where timing cannot run (a
-    CUDA graph being captured: timing synchronises) or is turned off (AUTOTUNE), the first fitting
-    configuration runs untimed. A ``triton.Config``: exactly that configuration (tests check each one).
+    config None: the configuration chosen for this problem before, else the one the autotuner picks
+    on the plan's first call by timing the fitting ones (Triton's autotuner, which keeps per-call
+    state on the kernel: one thread at a time). Where timing cannot run (a CUDA graph being
+    captured: timing synchronises) or is turned off (AUTOTUNE), the first fitting configuration runs
+    untimed, and while autotuning is on that plan serves this call only. A ``triton.Config``:
+    exactly that configuration (tests check each one).
     """
     if config is None:
-        key = (kernel.fn.__name__, *[args[name] for name in kernel.keys],
-               *[v.dtype for v in args.values() if type(v) is torch.Tensor])
-        config = _chosen.get(key)
-        if config is None and AUTOTUNE and not _capturing(args):
-            with _tuning:
-                kernel[grid](**args)
-                _chosen[key] = kernel.best_config
-            return
+        choice = (kernel.fn.__name__, *[kwargs[name] for name in kernel.keys],
+                  *[t.dtype for t in tensors if t is not None])
+        config = _chosen.get(choice)
+        if config is None and AUTOTUNE and not _capturing(device):
+            def tune(args):
+                with _tuning:
+                    kernel[grid](**args)
+                    _chosen[choice] = kernel.best_config
+                return kernel.best_config
+            return Plan(kernel.fn, kwargs, outputs, grid, tune=tune)
         if config is None:
-            config = (fit(kernel.configs, {}, **args) or kernel.configs)[0]
-    kernel.fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def _nonempty(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
-    """t; ``dummy`` for an absent tensor, one element of t's dtype for an empty one (pointers the
-    kernel does not dereference, with the dtype its code is specialised for)."""
-    if t is None:
-        return dummy
-    return t if t.numel() else t.new_empty(1)
+            named = {k: tensors[v] if type(v) is Slot else v for k, v in kwargs.items()}
+            first = (fit(kernel.configs, {}, **named) or kernel.configs)[0]
+            return Plan(kernel.fn, kwargs, outputs, grid, first, keep=not AUTOTUNE)
+    return Plan(kernel.fn, kwargs, outputs, grid, config)
 
 
 def bn_mode(stats, fold, running_mean) -> int:
@@ -369,9 +362,22 @@ def bn_mode(stats, fold, running_mean) -> int:
     return BN_NONE.value
 
 
-def bn_args(stats, fold, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
-            update_running, dummy):
-    """Kernel arguments of the BatchNorm of a conv's (or bn_fold's) input, and the checks they need."""
+def bn_inputs(stats, fold, gamma, beta, running_mean, running_var, num_batches_tracked, update_running) -> tuple:
+    """The seven BatchNorm tensors of a launch as ``bn_args`` takes them: the per-channel inputs
+    contiguous (a copy only where one is not), the running statistics as given when they are updated."""
+    updates = bool(update_running) and bn_mode(stats, fold, running_mean) == BN_STATS.value
+    if not updates:
+        running_mean, running_var = vector(running_mean), vector(running_var)
+    return vector(stats), vector(fold), vector(gamma), vector(beta), running_mean, running_var, num_batches_tracked
+
+
+def bn_args(tensors, first: int, eps, momentum, update_running, dummy) -> dict:
+    """Kernel arguments of the BatchNorm of a conv's (or bn_fold's) input, and the checks they need.
+
+    tensors[first:first + 7]: stats, fold, gamma, beta, running_mean, running_var,
+    num_batches_tracked (``bn_inputs``), each None when absent.
+    """
+    stats, fold, gamma, beta, running_mean, running_var, num_batches_tracked = tensors[first:first + 7]
     bn = bn_mode(stats, fold, running_mean)
     update = bool(update_running) and bn == BN_STATS.value
     if bn == BN_RUNNING.value and running_var is None:
@@ -384,20 +390,21 @@ def bn_args(stats, fold, gamma, beta, running_mean, running_var, num_batches_tra
         buffer(running_mean, "running_mean")
         buffer(running_var, "running_var")
     has_nbt = update and num_batches_tracked is not None
+
+    def ptr(i):
+        return pointer(tensors, first + i, dummy)
+
     return dict(
-        stats_ptr=_nonempty(vector(stats, "stats"), dummy), fold_ptr=_nonempty(vector(fold, "fold"), dummy),
-        gamma_ptr=_nonempty(vector(gamma, "gamma"), dummy), beta_ptr=_nonempty(vector(beta, "beta"), dummy),
-        rmean_ptr=_nonempty(vector(running_mean, "running_mean"), dummy),
-        rvar_ptr=_nonempty(vector(running_var, "running_var"), dummy),
-        nbt_ptr=num_batches_tracked if has_nbt else dummy,
+        stats_ptr=ptr(0), fold_ptr=ptr(1), gamma_ptr=ptr(2), beta_ptr=ptr(3), rmean_ptr=ptr(4), rvar_ptr=ptr(5),
+        nbt_ptr=ptr(6) if has_nbt else dummy,
         eps=float(eps), momentum=0.0 if momentum is None else float(momentum),
         keep=1.0 if momentum is None else 1.0 - float(momentum),
         BN=bn, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, UPDATE=update, HAS_NBT=has_nbt,
         FACTOR_FROM_COUNT=update and momentum is None)
 
 
-def _reduction_space(m: int, cols: int, planes: int, device, dummy):
-    """(workspace, semaphores) for reducing per-row-tile partials of ``cols`` columns in a conv launch."""
+def _reduction_space(m: int, cols: int, planes: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(example workspace, semaphores) for reducing per-row-tile partials of ``cols`` columns in a conv launch."""
     tiles = max(1, cdiv(m, _MIN_BLOCK_M))
     groups = cdiv(tiles, GROUP)
     col_blocks = max(1, cdiv(cols, _MIN_BLOCK_N))
@@ -417,32 +424,37 @@ def check_rows(rows: int, what: str) -> None:
                          f"(fewer than 2^31 - 2^16): split the batch")
 
 
-def _run_conv(a, weight, out, aux, bn, rows_shape, src_hw, k_ch, n_out, stride, padding, tf32, *,
-              fold_out, ws, sem, red, transposed, has_residual, want_stats, bn_mask, config):
+# A _conv_kernel call's tensors by index: the inputs (the gathered operand, the weight, the
+# epilogue's operand: residual or pre-BN x, then bn_inputs' seven), then the outputs (out, the
+# reduced summary or sums, the fold written, the reduction workspace).
+_A, _W, _AUX, _BN_FIRST = 0, 1, 2, 3
+_OUT, _RED, _FOLD_OUT, _WS = 10, 11, 12, 13
+
+
+def _conv_plan(tensors, outputs, rows_shape, src_hw, k_ch, n_out, stride, padding, tf32, eps, momentum,
+               update_running, sem, *, transposed, has_residual, want_stats, bn_mask, config, device) -> Plan:
+    """The Plan of a _conv_kernel launch; tensors: the call's inputs and example ``outputs`` (indices above)."""
+    a, weight, aux = tensors[_A], tensors[_W], tensors[_AUX]
     n, oh, ow = rows_shape
     m = n * oh * ow
     check_rows(m, "conv")
-    dummy = sem  # stands in for pointers a configuration does not dereference
-    args = dict(
-        a_ptr=_nonempty(a, dummy), **dict(zip(("sa_n", "sa_c", "sa_h", "sa_w"), strides4(a))),
-        w_ptr=_nonempty(weight, dummy), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), weight.stride())),
-        out_ptr=_nonempty(out, dummy),
-        aux_ptr=_nonempty(aux, dummy), **dict(zip(("se_n", "se_c", "se_h", "se_w"), strides4(aux))),
-        **{k: v for k, v in bn.items() if k.endswith("_ptr")},
-        fold_out_ptr=_nonempty(fold_out, dummy), ws_ptr=_nonempty(ws, dummy), sem_ptr=sem,
-        red_ptr=_nonempty(red, dummy),
+    bn = bn_args(tensors, _BN_FIRST, eps, momentum, update_running, sem)
+    kwargs = dict(
+        a_ptr=pointer(tensors, _A, sem), **dict(zip(("sa_n", "sa_c", "sa_h", "sa_w"), strides4(a))),
+        w_ptr=pointer(tensors, _W, sem), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), weight.stride())),
+        out_ptr=pointer(tensors, _OUT, sem),
+        aux_ptr=pointer(tensors, _AUX, sem), **dict(zip(("se_n", "se_c", "se_h", "se_w"), strides4(aux))),
+        fold_out_ptr=pointer(tensors, _FOLD_OUT, sem), ws_ptr=pointer(tensors, _WS, sem), sem_ptr=sem,
+        red_ptr=pointer(tensors, _RED, sem), **bn,
         M=m, N_out=n_out, K_ch=k_ch, SH=src_hw[0], SW=src_hw[1], OH=oh, OW=ow,
-        eps=bn["eps"], momentum=bn["momentum"], keep=bn["keep"],
         KH=weight.shape[2], KW=weight.shape[3], STRIDE=stride, PAD=padding, TRANSPOSED=transposed,
-        BN=bn["BN"], PREACT=bn["BN"] != BN_NONE.value and not transposed, BN_MASK=bn_mask,
-        HAS_GAMMA=bn["HAS_GAMMA"], HAS_BETA=bn["HAS_BETA"], UPDATE=bn["UPDATE"], HAS_NBT=bn["HAS_NBT"],
-        FACTOR_FROM_COUNT=bn["FACTOR_FROM_COUNT"], HAS_RESIDUAL=has_residual, WANT_STATS=want_stats,
-        PRECISION=dot_precision(a.dtype, tf32), GROUP=GROUP)
+        PREACT=bn["BN"] != BN_NONE.value and not transposed, BN_MASK=bn_mask, HAS_RESIDUAL=has_residual,
+        WANT_STATS=want_stats, PRECISION=dot_precision(a.dtype, tf32), GROUP=GROUP)
 
     def grid(meta):
         return max(1, cdiv(m, meta["BLOCK_M"])), max(1, cdiv(n_out, meta["BLOCK_N"]))
 
-    _launch(_conv_kernel, _CONV_FIT, grid, args, config)
+    return _plan(_conv_kernel, _CONV_FIT, grid, kwargs, tensors, outputs, config, device)
 
 
 def conv_fwd(x, weight, stride, padding, stats=None, fold=None, gamma=None, beta=None, running_mean=None,
@@ -455,21 +467,26 @@ def conv_fwd(x, weight, stride, padding, stats=None, fold=None, gamma=None, beta
     fp32 of y as stored (want_stats; else [0]) and the fold [4, Cin] computed from ``stats`` or the
     running statistics (else [0]).
     """
-    n, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho, wo = contract.conv_output_size(h, kh, stride, padding), contract.conv_output_size(w, kw, stride, padding)
-    m = n * ho * wo
-    device = x.device
-    y = empty_nhwc(n, cout, ho, wo, x)
-    ws, sem = _reduction_space(m, cout, 4, device, None) if want_stats else (None, semaphores(device, 1))
-    bn = bn_args(stats, fold, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
-                 update_running, sem)
-    folds = bn["BN"] in (BN_STATS.value, BN_RUNNING.value)
-    fold_out = torch.empty((4, cin) if folds else (0,), dtype=torch.float32, device=device)
-    red = torch.empty((4, cout) if want_stats else (0,), dtype=torch.float32, device=device)
-    _run_conv(x, weight, y, residual, bn, (n, ho, wo), (h, w), cin, cout, stride, padding, tf32,
-              fold_out=fold_out, ws=ws, sem=sem, red=red, transposed=False, has_residual=residual is not None,
-              want_stats=bool(want_stats), bn_mask=False, config=config)
+    inputs = (x, weight, residual, *bn_inputs(stats, fold, gamma, beta, running_mean, running_var,
+                                              num_batches_tracked, update_running))
+    problem = ("conv_fwd", stride, padding, float(eps), momentum, bool(update_running), bool(want_stats), tf32,
+               config, AUTOTUNE)
+
+    def build():
+        n, cin, h, w = x.shape
+        cout, _, kh, kw = weight.shape
+        ho, wo = contract.conv_output_size(h, kh, stride, padding), contract.conv_output_size(w, kw, stride, padding)
+        m = n * ho * wo
+        ws, sem = _reduction_space(m, cout, 4, x.device) if want_stats else (None, semaphores(x.device, 1))
+        folds = bn_mode(stats, fold, running_mean) in (BN_STATS.value, BN_RUNNING.value)
+        outputs = (empty_nhwc(n, cout, ho, wo, x),
+                   torch.empty((4, cout) if want_stats else (0,), dtype=torch.float32, device=x.device),
+                   torch.empty((4, cin) if folds else (0,), dtype=torch.float32, device=x.device), ws)
+        return _conv_plan((*inputs, *outputs), outputs, (n, ho, wo), (h, w), cin, cout, stride, padding, tf32, eps,
+                          momentum, update_running, sem, transposed=False, has_residual=residual is not None,
+                          want_stats=bool(want_stats), bn_mask=False, config=config, device=x.device)
+
+    y, red, fold_out, _ = launch(problem, build, inputs, x.device)
     return y, red, fold_out
 
 
@@ -480,18 +497,23 @@ def conv_dgrad(dy, weight, x, stride, padding, fold=None, tf32=False, config=Non
     Returns g [N, Cin, H, W] channels_last in dy's dtype and sums [3, Cin] fp32 (sum_g, sum_gx,
     dgamma) with ``fold``; without it the plain input gradient and [0].
     """
-    n, cin, h, w = x.shape
-    cout = weight.shape[0]
-    device = dy.device
-    g = empty_nhwc(n, cin, h, w, dy)
     with_bn = fold is not None
-    m = n * h * w
-    ws, sem = _reduction_space(m, cin, 2, device, None) if with_bn else (None, semaphores(device, 1))
-    bn = bn_args(None, fold, None, None, None, None, None, 0.0, 0.0, False, sem)
-    sums = torch.empty((3, cin) if with_bn else (0,), dtype=torch.float32, device=device)
-    _run_conv(dy, weight, g, x if with_bn else None, bn, (n, h, w), (dy.shape[2], dy.shape[3]), cout, cin,
-              stride, padding, tf32, fold_out=None, ws=ws, sem=sem, red=sums, transposed=True,
-              has_residual=False, want_stats=False, bn_mask=with_bn, config=config)
+    # x is read (the epilogue's operand) only with the fold; without it, only its shape is used
+    inputs = (dy, weight, x if with_bn else None, None, vector(fold), None, None, None, None, None)
+    problem = ("conv_dgrad", tuple(x.shape), stride, padding, tf32, config, AUTOTUNE)
+
+    def build():
+        n, cin, h, w = x.shape
+        cout = weight.shape[0]
+        m = n * h * w
+        ws, sem = _reduction_space(m, cin, 2, dy.device) if with_bn else (None, semaphores(dy.device, 1))
+        outputs = (empty_nhwc(n, cin, h, w, dy),
+                   torch.empty((3, cin) if with_bn else (0,), dtype=torch.float32, device=dy.device), None, ws)
+        return _conv_plan((*inputs, *outputs), outputs, (n, h, w), (dy.shape[2], dy.shape[3]), cout, cin, stride,
+                          padding, tf32, 0.0, 0.0, False, sem, transposed=True, has_residual=False,
+                          want_stats=False, bn_mask=with_bn, config=config, device=dy.device)
+
+    g, sums, _, _ = launch(problem, build, inputs, dy.device)
     return g, sums
 
 
@@ -511,35 +533,45 @@ def _fitted_block(channels: int) -> int:
     return min(max(16, next_power_of_2(max(channels, 1))), max(c.kwargs["BLOCK_M"] for c in WGRAD_CONFIGS))
 
 
+# A _wgrad_kernel call's tensors by index: x, dy, the fold (inputs), dW, the split partials (outputs).
+_WX, _WDY, _WFOLD, _DW, _PARTIALS = range(5)
+
+
 def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=None):
     """dW [Cout, Cin, KH, KW] fp32 = sum over output pixels of P(x) (x) dy, one launch (contract.conv_wgrad).
 
     x: [N, Cin, H, W] (pre-BN input); dy: [N, Cout, Ho, Wo]; weight: [Cout, Cin, KH, KW] (only its
     shape and memory format are used: dW has both); fold: [4, Cin] or None.
     """
-    cout, cin, kh, kw = weight.shape
-    n, _, h, w = x.shape
-    ho, wo = dy.shape[2], dy.shape[3]
-    device = x.device
-    pixels = n * ho * wo
-    check_rows(pixels, "conv_wgrad")
-    tiles = kh * kw * cdiv(cin, _fitted_block(cin)) * cdiv(cout, _fitted_block(cout))
-    chunk, splits = _wgrad_split(pixels, tiles, device)
-    dw = contract.weight_grad_like(weight, x)
-    partials = torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device)
-    max_tiles = kh * kw * max(1, cdiv(cin, 16)) * max(1, cdiv(cout, 16))
-    sem = semaphores(device, max_tiles)
-    args = dict(x_ptr=_nonempty(x, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
-                dy_ptr=_nonempty(dy, sem), **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
-                fold_ptr=_nonempty(vector(fold, "fold"), sem), part_ptr=_nonempty(partials, sem), sem_ptr=sem,
-                dw_ptr=_nonempty(dw, sem), **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), dw.stride())),
-                P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
-                CHUNK=chunk, SPLITS=splits, KH=kh, KW=kw, STRIDE=stride, PAD=padding, PREACT=fold is not None,
-                PRECISION=dot_precision(x.dtype, tf32))
+    inputs = (x, dy, vector(fold))
+    problem = ("conv_wgrad", tuple(weight.shape), weight.stride(), stride, padding, tf32, config, AUTOTUNE)
 
-    def grid(meta):
-        return (max(1, kh * kw * cdiv(cin, meta["BLOCK_M"])), max(1, cdiv(cout, meta["BLOCK_N"])),
-                splits)
+    def build():
+        cout, cin, kh, kw = weight.shape
+        n, _, h, w = x.shape
+        ho, wo = dy.shape[2], dy.shape[3]
+        device = x.device
+        pixels = n * ho * wo
+        check_rows(pixels, "conv_wgrad")
+        tiles = kh * kw * cdiv(cin, _fitted_block(cin)) * cdiv(cout, _fitted_block(cout))
+        chunk, splits = _wgrad_split(pixels, tiles, device)
+        dw = contract.weight_grad_like(weight, x)
+        outputs = (dw, torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device))
+        tensors = (*inputs, *outputs)
+        sem = semaphores(device, kh * kw * max(1, cdiv(cin, 16)) * max(1, cdiv(cout, 16)))
+        kwargs = dict(x_ptr=pointer(tensors, _WX, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
+                      dy_ptr=pointer(tensors, _WDY, sem),
+                      **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
+                      fold_ptr=pointer(tensors, _WFOLD, sem), part_ptr=pointer(tensors, _PARTIALS, sem),
+                      sem_ptr=sem, dw_ptr=pointer(tensors, _DW, sem),
+                      **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), dw.stride())),
+                      P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
+                      CHUNK=chunk, SPLITS=splits, KH=kh, KW=kw, STRIDE=stride, PAD=padding,
+                      PREACT=fold is not None, PRECISION=dot_precision(x.dtype, tf32))
 
-    _launch(_wgrad_kernel, _WGRAD_FIT, grid, args, config)
-    return dw
+        def grid(meta):
+            return (max(1, kh * kw * cdiv(cin, meta["BLOCK_M"])), max(1, cdiv(cout, meta["BLOCK_N"])), splits)
+
+        return _plan(_wgrad_kernel, _WGRAD_FIT, grid, kwargs, tensors, outputs, config, device)
+
+    return launch(problem, build, inputs, x.device)[0]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import GROUP, INTERPRET, KIND_SUMMARY, cdiv, reduce_tiles, semaphores, strides4, tile_summary, write_fold
+from .launch import Plan, launch, pointer
 
 # bn_stats: rows and channels per program (the whole tile is summarised in registers), warps.
 _STATS_BLOCK_R, _STATS_BLOCK_C, _STATS_WARPS = (16, 16, 4) if INTERPRET else (256, 32, 4)
@@ -64,35 +65,45 @@ def _bn_fold_kernel(
 
 def bn_stats(x: torch.Tensor) -> torch.Tensor:
     """The summary [4, C] fp32 (count, pivot, offset, M2) of x [N, C, H, W] (any layout), one launch."""
-    n, c, h, w = x.shape
-    rows = n * h * w
-    tiles = max(1, cdiv(rows, _STATS_BLOCK_R))
-    groups = cdiv(tiles, GROUP)
-    col_blocks = max(1, cdiv(c, _STATS_BLOCK_C))
-    out = torch.empty((4, c), dtype=torch.float32, device=x.device)
-    ws = torch.empty((tiles + groups) * 4 * max(c, 1), dtype=torch.float32, device=x.device)
-    sem = semaphores(x.device, col_blocks * (groups + 1))
-    sx = strides4(x)
-    _bn_stats_kernel[(tiles, col_blocks)](
-        x_ptr=x if x.numel() else x.new_empty(1), sx_n=sx[0], sx_c=sx[1], sx_h=sx[2], sx_w=sx[3], ws_ptr=ws, sem_ptr=sem,
-        out_ptr=out if out.numel() else out.new_empty(1), M=rows, C=c, H=h, W=w, GROUP=GROUP, BLOCK_R=_STATS_BLOCK_R,
-        BLOCK_C=_STATS_BLOCK_C, num_warps=_STATS_WARPS)
-    return out
+
+    def build():
+        n, c, h, w = x.shape
+        rows = n * h * w
+        tiles = max(1, cdiv(rows, _STATS_BLOCK_R))
+        groups = cdiv(tiles, GROUP)
+        col_blocks = max(1, cdiv(c, _STATS_BLOCK_C))
+        outputs = (torch.empty((4, c), dtype=torch.float32, device=x.device),
+                   torch.empty((tiles + groups) * 4 * max(c, 1), dtype=torch.float32, device=x.device))
+        tensors = (x, *outputs)  # x, the summary, the workspace
+        sem = semaphores(x.device, col_blocks * (groups + 1))
+        sx = strides4(x)
+        kwargs = dict(x_ptr=pointer(tensors, 0, sem), sx_n=sx[0], sx_c=sx[1], sx_h=sx[2], sx_w=sx[3],
+                      ws_ptr=pointer(tensors, 2, sem), sem_ptr=sem, out_ptr=pointer(tensors, 1, sem), M=rows, C=c,
+                      H=h, W=w, GROUP=GROUP, BLOCK_R=_STATS_BLOCK_R, BLOCK_C=_STATS_BLOCK_C)
+        return Plan(_bn_stats_kernel, kwargs, outputs, lambda meta: (tiles, col_blocks),
+                    triton.Config({}, num_warps=_STATS_WARPS))
+
+    return launch(("bn_stats",), build, (x,), x.device)[0]
 
 
 def bn_fold(stats, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum, update_running):
     """The fold [4, C] fp32 of ``stats`` [4, C] (with update_running: the running statistics updated
     in place) or, stats None, of running_mean / running_var. One launch (contract.bn_fold)."""
-    from .conv import bn_args
+    from .conv import bn_args, bn_inputs
 
     if stats is None and running_mean is None:
         raise ValueError("bn_fold needs stats or running statistics")
     ref = stats if stats is not None else running_mean
-    c = stats.shape[1] if stats is not None else running_mean.shape[0]
-    out = torch.empty((4, c), dtype=torch.float32, device=ref.device)
-    sem = semaphores(ref.device, 1)
-    bn = bn_args(stats, None, gamma, beta, running_mean, running_var, num_batches_tracked, eps, momentum,
-                 update_running, sem)
-    _bn_fold_kernel[(1,)](fold_ptr=out if out.numel() else out.new_empty(1), **{k: v for k, v in bn.items() if k != "fold_ptr"},
-                          C=c, BLOCK=_FOLD_BLOCK, num_warps=4)
-    return out
+    inputs = bn_inputs(stats, None, gamma, beta, running_mean, running_var, num_batches_tracked, update_running)
+    problem = ("bn_fold", float(eps), momentum, bool(update_running))
+
+    def build():
+        c = stats.shape[1] if stats is not None else running_mean.shape[0]
+        outputs = (torch.empty((4, c), dtype=torch.float32, device=ref.device),)
+        tensors = (*inputs, *outputs)  # bn_inputs' seven, the fold
+        sem = semaphores(ref.device, 1)
+        bn = bn_args(tensors, 0, eps, momentum, update_running, sem)
+        kwargs = dict(bn, fold_ptr=pointer(tensors, 7, sem), C=c, BLOCK=_FOLD_BLOCK)
+        return Plan(_bn_fold_kernel, kwargs, outputs, lambda meta: (1,), triton.Config({}, num_warps=4))
+
+    return launch(problem, build, inputs, ref.device)[0]
