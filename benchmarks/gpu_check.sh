@@ -16,6 +16,8 @@
 #   kernels  per-triple kernel timings: triton, cuda, cuDNN's fused patterns, eager cuDNN, min-bytes
 #   bench    ResNet-1001 at batch 128, graphed and not (eager, eager AMP, fused cuda fp32, fused AMP,
 #            memory="min"), loss checks included
+#   launches the CUDA profiler's kernel events per unit and per ResNet-1001 step: eager, triton, cuda
+#            (batch 2, 32x32; autotuning off: the count does not depend on the tiles)
 #   compile  torch.compile: default, reduce-overhead, max-autotune-no-cudagraphs (in that order)
 #   sweep    images/s and peak memory from batch 128 up to the largest that fits, headline figures
 #   tests    the GPU test suite (pytest -m cuda), whatever of it fits in the time left
@@ -118,11 +120,13 @@ if [ -e "${wheels[0]}" ]; then
 fi
 run build 150 "$python" -m pip install -v --no-build-isolation --no-deps -e .
 run smoke 60 "$python" -m benchmarks.smoke --out "$out/smoke"
-run kernels 70 "$python" -m benchmarks.kernel_ops --batch 128 --out "$out/kernels"
+run kernels 65 "$python" -m benchmarks.kernel_ops --batch 128 --out "$out/kernels"
 run bench 90 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 6 \
   --variants eager eager_graphed eager_amp eager_amp_graphed fused_cuda fused_cuda_graphed \
   fused_amp fused_amp_graphed fused_amp_min fused_amp_min_graphed --max-batch-cap 0 --out "$out/bench"
-run compile 70 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 2 --steps 4 \
+run launches 30 env PREACT_FUSED_TRITON_AUTOTUNE=0 "$python" -m benchmarks.launches --backends eager triton cuda \
+  --out "$out/launches/launches.json"
+run compile 45 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 2 --steps 4 \
   --variants eager_amp compile_amp compile_amp_reduce_overhead compile_amp_max_autotune \
   --max-batch-cap 0 --out "$out/compile"
 run sweep 50 "$python" -m benchmarks.batch_sweep --variants eager_amp fused_amp fused_amp_graphed \

@@ -506,24 +506,24 @@ def main(argv=None) -> list[dict]:
         parser.error("--depths: two bottleneck depths 9n+2 (n >= 1), the second larger")
     device = torch.device(args.device)
     direct = device.type == "cuda" if args.direct_1001 is None else args.direct_1001
-    rows = []
-    for backend in args.backends:
-        rows.append(measure(backend, depths=(low, high), batch=args.batch, image=args.image, device=device,
-                            warmup=args.warmup, layout=args.layout, direct_1001=direct))
-        print(f"{backend}: " + ("done" if rows[-1]["reason"] is None else rows[-1]["reason"]), file=sys.stderr)
     method = ("CUDA profiler: kernel and memset/memcpy events" if device.type == "cuda" else
               "CPU proxy: ATen ops that launch a kernel on a GPU + Triton (interpreter) and emulated CUDA "
               "kernel launches (benchmarks/launches.py docstring)")
-    print(f"Kernel launches ({method}); batch {args.batch}, {args.image}x{args.image}, float32, {args.layout}, "
-          f"per unit = (depth {high} - depth {low}) / {3 * ((high - low) // 9)} units")
-    print(table(rows))
+    rows = []
     record = {"command": command_line("benchmarks.launches", argv),
               "environment": environment(device), "method": method,
               "config": {"depths": [low, high], "batch": args.batch, "image": args.image, "dtype": "float32",
                          "layout": args.layout,
                          "warmup": args.warmup, "resnet1001_units": RESNET1001_UNITS},
               "rows": rows}
-    write_json_atomic(args.out, record)
+    for backend in args.backends:
+        rows.append(measure(backend, depths=(low, high), batch=args.batch, image=args.image, device=device,
+                            warmup=args.warmup, layout=args.layout, direct_1001=direct))
+        print(f"{backend}: " + ("done" if rows[-1]["reason"] is None else rows[-1]["reason"]), file=sys.stderr)
+        write_json_atomic(args.out, record)  # after each backend: a run cut off keeps what it counted
+    print(f"Kernel launches ({method}); batch {args.batch}, {args.image}x{args.image}, float32, {args.layout}, "
+          f"per unit = (depth {high} - depth {low}) / {3 * ((high - low) // 9)} units")
+    print(table(rows))
     print(f"wrote {args.out}")
     return rows
 

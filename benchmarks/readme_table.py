@@ -7,9 +7,10 @@ Each section of the README between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -
 * ``gpu-results``: for every GPU folder under ``--results`` (any folder but ``cpu`` and ``local``),
   its ``resnet1001.json`` (the main benchmark at batch 128: images/s and peak memory per variant,
   loss check), ``sweep.json`` (the headline: images/s at the largest batch eager AMP fits, and each
-  variant's largest batch) and ``kernel_ops.json`` (network totals per backend, cuDNN's fused
-  patterns included). Rows marked invalid (their backend failed the correctness smoke) are left out
-  and counted. Without GPU results the section says so.
+  variant's largest batch), ``kernel_ops.json`` (network totals per backend, cuDNN's fused patterns
+  included) and ``launches.json`` (the CUDA profiler's kernel count per unit and step). Rows marked
+  invalid (their backend failed the correctness smoke) are left out and counted. Without GPU results
+  the section says so.
 * ``cpu-launches`` and ``cpu-host-overhead``: ``cpu/launches.json`` (``python -m benchmarks.launches``)
   and ``cpu/host_overhead.json`` (``python -m benchmarks.host_overhead``), each with the command and
   machine that produced it.
@@ -49,10 +50,11 @@ def gpu_section(results: Path) -> str:
     folders = sorted(p for p in results.iterdir() if p.is_dir() and p.name not in ("cpu", "local"))
     parts = []
     for folder in folders:
-        main, sweep, kernels = (_load(folder / n) for n in ("resnet1001.json", "sweep.json", "kernel_ops.json"))
-        if not (main or sweep or kernels):
+        main, sweep, kernels, launches = (_load(folder / n) for n in ("resnet1001.json", "sweep.json",
+                                                                     "kernel_ops.json", "launches.json"))
+        if not (main or sweep or kernels or launches):
             continue
-        env = (main or sweep or {}).get("environment", {})
+        env = (main or sweep or launches or {}).get("environment", {})
         parts.append(f"**{env.get('device_name', folder.name)}** (`benchmarks/results/{folder.name}/`; torch "
                      f"{env.get('torch', '?')}, triton {env.get('triton', '?')}, {env.get('date', '?')}):")
         if main:
@@ -92,10 +94,14 @@ def gpu_section(results: Path) -> str:
             if unsupported:
                 parts.append(f"cuDNN could not build {len(unsupported)} triple patterns, e.g. "
                              f"{unsupported[0]['triple']}: {unsupported[0]['unsupported'][:160]}")
+        if launches:
+            from .launches import table
+            parts.append(f"Kernel launches, CUDA profiler (`{launches.get('command', '?')}`):\n\n"
+                         f"{table(launches['rows'])}")
     if not parts:
         return ("**No GPU figures have been measured yet.** `bash benchmarks/gpu_check.sh OUTDIR` produces them; "
-                "copy OUTDIR's `bench/resnet1001.json`, `sweep/sweep.json` and `kernels/kernel_ops.json` to "
-                "`benchmarks/results/<gpu>/` and run `python -m benchmarks.readme_table`.")
+                "copy OUTDIR's `bench/resnet1001.json`, `sweep/sweep.json`, `kernels/kernel_ops.json` and "
+                "`launches/launches.json` to `benchmarks/results/<gpu>/` and run `python -m benchmarks.readme_table`.")
     return "\n\n".join(parts)
 
 

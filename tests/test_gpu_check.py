@@ -23,9 +23,9 @@ exit 0
 """
 
 
-PARTS = ["smoke", "kernels", "bench", "compile", "sweep", "tests"]
-MODULES = ["benchmarks.smoke", "benchmarks.kernel_ops", "benchmarks.resnet1001", "benchmarks.resnet1001",
-           "benchmarks.batch_sweep", "pytest"]
+PARTS = ["smoke", "kernels", "bench", "launches", "compile", "sweep", "tests"]
+MODULES = ["benchmarks.smoke", "benchmarks.kernel_ops", "benchmarks.resnet1001", "benchmarks.launches",
+           "benchmarks.resnet1001", "benchmarks.batch_sweep", "pytest"]
 
 
 def _run(tmp_path, budget=540, xdist=0, tests=0, extra=()):

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import current_stream
+
 # Kernels are built for the interpreter when TRITON_INTERPRET=1 is set before this module is
 # imported (Triton decides when a kernel is decorated): then CPU tensors are accepted and every
 # launch uses one small, fixed tile configuration.
@@ -118,10 +120,7 @@ def semaphores(device: torch.device, count: int) -> torch.Tensor:
     stream share them without a memset. Allocated (zeroed) once per (device, stream), regrown when a
     launch needs more.
     """
-    if device.type == "cuda":
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index)
+    key = (device.type, device.index, current_stream(device))
     buf = _SEMAPHORES.get(key)
     if buf is None or buf.numel() < count:
         size = max(_MIN_SEMAPHORES, next_power_of_2(max(count, 1)))
