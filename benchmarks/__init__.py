@@ -23,6 +23,7 @@ import re
 import shlex
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -142,6 +143,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cuda_kernel_count(fn) -> dict:
+    """{"total", "by_name"}: the kernels (and memsets/memcpys) the CUDA profiler records while ``fn``
+    runs (a CUDA graph's replay counts each kernel of the graph)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return {"total": sum(names.values()), "by_name": dict(names)}
 
 
 def command_line(module: str, argv) -> str:

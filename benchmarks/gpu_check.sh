@@ -15,7 +15,7 @@
 #            a backend that failed, or that the smoke did not finish, are marked invalid.
 #   kernels  per-triple kernel timings: triton, cuda, cuDNN's fused patterns, eager cuDNN, min-bytes
 #   bench    ResNet-1001 at batch 128, graphed and not (eager, eager AMP, fused cuda fp32, fused AMP,
-#            memory="min"), loss checks included
+#            memory="min"), loss checks and the CUDA profiler's kernels per step included
 #   launches the CUDA profiler's kernel events per unit and per ResNet-1001 step: eager, triton, cuda
 #            (batch 2, 32x32; autotuning off: the count does not depend on the tiles)
 #   compile  torch.compile: default, reduce-overhead, max-autotune-no-cudagraphs (in that order)
@@ -123,12 +123,12 @@ run smoke 60 "$python" -m benchmarks.smoke --out "$out/smoke"
 run kernels 65 "$python" -m benchmarks.kernel_ops --batch 128 --out "$out/kernels"
 run bench 90 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 3 --steps 6 \
   --variants eager eager_graphed eager_amp eager_amp_graphed fused_cuda fused_cuda_graphed \
-  fused_amp fused_amp_graphed fused_amp_min fused_amp_min_graphed --max-batch-cap 0 --out "$out/bench"
+  fused_amp fused_amp_graphed fused_amp_min fused_amp_min_graphed --max-batch-cap 0 --count-kernels --out "$out/bench"
 run launches 30 env PREACT_FUSED_TRITON_AUTOTUNE=0 "$python" -m benchmarks.launches --backends eager triton cuda \
   --out "$out/launches/launches.json"
 run compile 45 "$python" -m benchmarks.resnet1001 --batch 128 --warmup 2 --steps 4 \
   --variants eager_amp compile_amp compile_amp_reduce_overhead compile_amp_max_autotune \
-  --max-batch-cap 0 --out "$out/compile"
+  --max-batch-cap 0 --count-kernels --out "$out/compile"
 run sweep 50 "$python" -m benchmarks.batch_sweep --variants eager_amp fused_amp fused_amp_graphed \
   fused_amp_min eager_amp_graphed --warmup 2 --steps 2 --resolution 128 --out "$out/sweep"
 run tests 35 "${test_env[@]}" "$python" -m pytest -m cuda -q -rs -x "${workers[@]}"

@@ -78,7 +78,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import preact_fused  # noqa: E402
 from preact_fused.backend import unavailable_reason  # noqa: E402
 
-from . import RESULTS, command_line, environment, write_json_atomic  # noqa: E402
+from . import RESULTS, command_line, cuda_kernel_count, environment, write_json_atomic  # noqa: E402
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 GPU_BACKENDS = ("eager", "compiled", "reference", "triton", "cuda")
@@ -381,7 +381,7 @@ def count_step(backend: str, depth: int, *, batch: int = 2, image: int = 32, dev
     x = torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
     if device.type == "cuda":
-        count = _gpu_count
+        count = cuda_kernel_count
     else:
         def count(fn):
             with LaunchCounter(emulator) as counter:
@@ -390,19 +390,6 @@ def count_step(backend: str, depth: int, *, batch: int = 2, image: int = 32, dev
     for _ in range(warmup):  # momentum buffers, autotuning, compilation: counted steps are steady ones
         _windows(net, opt, x, y, lambda fn: fn())
     return _windows(net, opt, x, y, count)
-
-
-def _gpu_count(fn) -> dict:
-    """Kernels (and memsets/memcpys) the CUDA profiler records while ``fn`` runs."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return {"total": sum(names.values()), "by_name": dict(names)}
 
 
 def _per_unit(low: dict, high: dict, units: int) -> dict:

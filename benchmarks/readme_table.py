@@ -60,14 +60,15 @@ def gpu_section(results: Path) -> str:
         if main:
             rows = [r for r in main["rows"] if not r.get("error")]
             invalid = [r for r in rows if r.get("invalid")]
-            lines = ["| variant | backend | dtype | graphed | batch | img/s | peak MiB | loss rel diff |",
-                     "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines = ["| variant | backend | dtype | graphed | batch | img/s | peak MiB | kernels/step | loss rel diff |",
+                     "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for r in rows:
                 if r.get("invalid"):
                     continue
                 diff = "-" if r.get("loss_rdiff") is None else f"{r['loss_rdiff']:.1e}" + (" DRIFT" if r.get("drift") else "")
                 lines.append(f"| {r['variant']} | {r['backend']} | {r['dtype']} | {'yes' if r.get('graphed') else 'no'} "
-                             f"| {r['batch']} | {r['images_per_s']:.0f} | {_mib(r.get('peak_alloc_bytes'))} | {diff} |")
+                             f"| {r['batch']} | {r['images_per_s']:.0f} | {_mib(r.get('peak_alloc_bytes'))} "
+                             f"| {r.get('kernels_per_step') or '-'} | {diff} |")
             parts.append("\n".join(lines))
             if invalid:
                 parts.append(f"{len(invalid)} rows left out: invalid ({invalid[0]['invalid']}).")

@@ -48,7 +48,7 @@ import preact_fused
 from preact_fused.graphs import GraphedStep, graph_unsupported_reason
 from preact_fused.runs import Progress, is_oom, largest_batch, release  # noqa: F401 (re-exported)
 
-from . import (environment, fast_backend_reason, mark_invalid, output_dir, summarize,
+from . import (cuda_kernel_count, environment, fast_backend_reason, mark_invalid, output_dir, summarize,
                time_calls, write_json_atomic)
 from .roofline import achieved, conv_layers, measure_machine, step_bytes, step_flops
 
@@ -281,7 +281,9 @@ def run_variant(variant: Variant, args, state, device, data, max_batch: bool) ->
            "peak_alloc_bytes": peak, "saved_bytes": runner.saved_bytes(data[0][0]),
            "loss": losses[-1].item(), "losses": [v.item() for v in losses],
            "graphed": variant.graphed, "compile_mode": variant.compile_mode,
-           "max_batch": None, "memory_probes": {}}
+           "max_batch": None, "memory_probes": {}, "kernels_per_step": None}
+    if args.count_kernels and device.type == "cuda":
+        row["kernels_per_step"] = cuda_kernel_count(lambda: runner.step(*data[0]))["total"]
     if variant.graphed:
         row["graph_captures"] = runner.graphed_step.captures
         runner.graphed_step = None   # its memory pool must not count in the search below
@@ -353,7 +355,7 @@ def _mb(value) -> str:
 def format_table(rows: list[dict]) -> str:
     """The results as an aligned text table, one line per (batch, variant)."""
     head = ("variant", "backend", "dtype", "layout", "batch", "img/s", "q20-q80", "ms/step",
-            "peak MiB", "saved MiB", "max batch", "loss", "rel diff (tol)", "TFLOP/s", "%matmul", "%bytes")
+            "peak MiB", "saved MiB", "kernels", "max batch", "loss", "rel diff (tol)", "TFLOP/s", "%matmul", "%bytes")
     lines = [head]
     for r in rows:
         if r.get("error"):
@@ -367,6 +369,7 @@ def format_table(rows: list[dict]) -> str:
             r["variant"], r["backend"], r["dtype"], r["layout"], str(r["batch"]),
             f"{r['images_per_s']:.1f}", f"{r['images_per_s_q20']:.1f}-{r['images_per_s_q80']:.1f}",
             f"{r['step_ms']:.1f}", _mb(r["peak_alloc_bytes"]), _mb(r["saved_bytes"]),
+            "-" if r.get("kernels_per_step") is None else str(r["kernels_per_step"]),
             "-" if r["max_batch"] is None else str(r["max_batch"]), f"{r['loss']:.5f}",
             diff,
             f"{r['tflops']:.3f}", f"{100 * r['matmul_frac']:.1f}", f"{100 * r['bytes_floor_frac']:.1f}"))
@@ -399,7 +402,7 @@ def target_lines(rows: list[dict]) -> list[str]:
 
 CSV_FIELDS = ["date", "device_name", "torch", "triton", "variant", "backend", "dtype", "layout", "batch",
               "graphed", "compile_mode", "steps", "images_per_s", "images_per_s_q20", "images_per_s_q80",
-              "step_ms", "peak_alloc_bytes", "saved_bytes", "max_batch", "loss", "loss_rdiff", "loss_rtol",
+              "step_ms", "peak_alloc_bytes", "saved_bytes", "kernels_per_step", "max_batch", "loss", "loss_rdiff", "loss_rtol",
               "graph_rdiff", "drift", "step_flops", "step_bytes_floor", "tflops", "matmul_frac",
               "bytes_floor_frac", "invalid", "error"]
 
@@ -528,6 +531,9 @@ def parse_args(argv=None, gpu: bool | None = None):
     p.add_argument("--graph-warmup", type=int, default=3,
                    help="eager steps (on a side stream) before a *_graphed variant captures its step "
                         "(at most --warmup - 1: the capture is the next warm-up step)")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="after the timed steps, one more step under the CUDA profiler: its kernel count per "
+                        "variant (the kernels_per_step column; GPU only)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default: benchmarks/results/local/<device>, ignored by git)")
     p.add_argument("--commit-results", action="store_true",

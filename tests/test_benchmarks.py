@@ -197,7 +197,7 @@ def torch_settings():
 
 def test_resnet_benchmark_cpu_smoke(tmp_path, capsys, torch_settings):
     status = main(["--device", "cpu", "--depth", "164", "--batch", "2", "--warmup", "1", "--steps", "1",
-                   "--threads", "1", "--out", str(tmp_path)])
+                   "--threads", "1", "--count-kernels", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     record = json.loads((tmp_path / "resnet164.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
@@ -207,6 +207,7 @@ def test_resnet_benchmark_cpu_smoke(tmp_path, capsys, torch_settings):
         assert name in record["skipped"] and name not in rows
     for row in rows.values():
         assert row["images_per_s"] > 0 and row["saved_bytes"] > 0 and row["tflops"] > 0
+        assert row["kernels_per_step"] is None  # the CUDA profiler's count: GPU only
     assert rows["fused_reference"]["saved_bytes"] < rows["eager"]["saved_bytes"]
     assert rows["fused_amp_min"]["saved_bytes"] < rows["fused_amp"]["saved_bytes"]
     # memory="min" recomputes the same arithmetic: the same losses as fused_amp, so the same verdict
@@ -336,7 +337,7 @@ def test_readme_table_from_a_fixture(tmp_path):
     section = gpu_section(tmp_path)
     text = render(readme.read_text(), section)
     assert text.startswith("intro\n") and text.endswith(f"{END}\nrest\n") and "old" not in text
-    assert "| fused_amp_graphed | cuda | bf16 | yes | 128 | 1200 | 1,024 |" in section
+    assert "| fused_amp_graphed | cuda | bf16 | yes | 128 | 1200 | 1,024 | - |" in section
     assert "fused_triton" not in section.split("rows left out")[0] and "1 rows left out" in section
     assert "| eager_amp | 500 | 1.00x | 1000 |" in section
     assert "could not build 1 triple" in section and "NVIDIA H200" in section
