@@ -5,7 +5,11 @@ channels_last, default bf16 and batch 128, the median (``triton.testing.do_bench
 
   fused forward   conv_fwd folding the input's statistics in its loader (running-stat update;
                   residual and statistics epilogue where the network has them): one launch
-  fused backward  conv_dgrad (ReLU mask + BN sums) + bn_backward + conv_wgrad
+  fused backward  as a unit's backward runs the triple: conv_dgrad (ReLU mask + BN sums), then
+                  conv_wgrad, which for conv1 and conv2 also computes the next triple's BN backward
+                  (conv_wgrad_bn_backward), and for conv1 the standalone bn_backward of its own BN
+                  (the others' BN backward is in the wgrad before them: per-triple figures shift
+                  BN backward work from conv2/conv3 to conv1/conv2, network totals count each once)
   eager forward   F.batch_norm (training) + relu + conv2d [+ residual]
   eager backward  autograd through the same (dx, dw, dgamma, dbeta)
 
@@ -36,14 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from preact_fused.shapes import RESNET1001_COUNTS as COUNTS
-from preact_fused.shapes import RESNET1001_TRIPLES
+from preact_fused.shapes import RESNET1001_TRIPLES, triple_roles
 
 from . import cudnn_peer, mark_invalid, output_dir, write_json_atomic
 from . import fast_backend_reason
 
 BACKENDS = ("triton", "cuda")
 MODULES = {"triton": "preact_fused.triton", "cuda": "preact_fused.cuda"}
-OPS = ("conv_fwd", "conv_dgrad", "bn_backward", "conv_wgrad")
+OPS = ("conv_fwd", "conv_dgrad", "bn_backward", "conv_wgrad", "conv_wgrad_bn_backward")
 EPS = 1e-5
 
 
@@ -62,9 +66,10 @@ class Triple:
 
     def __init__(self, ops, name, cin, cout, hw, k, stride, batch, dtype, device="cuda"):
         self.name, self.stride, self.padding = name, stride, k // 2
-        self.with_bn = name != "stem"
-        self.with_residual = name.endswith("conv3")
-        self.want_stats = not name.endswith("shortcut")
+        roles = triple_roles(name)
+        self.with_bn, self.with_residual, self.want_stats = roles["with_bn"], roles["with_residual"], roles["want_stats"]
+        self.next_bn = roles["next_bn"]          # the wgrad computes the next BN's backward
+        self.own_bn_backward = ".conv1" in name  # the unit's first BN: a standalone bn_backward
         ho = (hw + 2 * self.padding - k) // stride + 1
         cl = torch.channels_last
 
@@ -85,6 +90,11 @@ class Triple:
         self.fold = ops.bn_fold(self.stats, self.gamma, self.beta, eps=EPS) if self.with_bn else None
         self.count = self.x.numel() / cin
         self.g, self.sums = ops.conv_dgrad(self.dy, self.weight, self.x, stride, self.padding, self.fold)
+        if self.next_bn:  # the next BN: its input (this conv's output), fold and sums; dy is its masked gradient
+            self.next_x = act(batch, cout, ho, ho) * 2 + 0.5
+            self.next_fold = ops.bn_fold(ops.bn_stats(self.next_x), eps=EPS)
+            self.next_sums = torch.randn(3, cout, device=device)
+            self.next_count = self.next_x.numel() / cout
         # Eager: module-like leaves so autograd computes dx, dw, dgamma, dbeta.
         self.eager_x = self.x.detach().clone().requires_grad_()
         self.eager_w = self.weight.detach().to(dtype).requires_grad_()
@@ -120,10 +130,20 @@ class Triple:
     def conv_wgrad(self):
         return self.ops.conv_wgrad(self.x, self.dy, self.weight, self.stride, self.padding, self.fold)
 
+    def conv_wgrad_bn_backward(self):
+        if not self.next_bn:
+            return None
+        return self.ops.conv_wgrad_bn_backward(self.x, self.dy, self.weight, self.stride, self.padding, self.fold,
+                                               self.next_x, self.next_fold, self.next_sums, self.next_count, True)
+
     def fused_backward(self):
         self.conv_dgrad()
-        self.bn_backward()
-        self.conv_wgrad()
+        if self.next_bn:
+            self.conv_wgrad_bn_backward()
+        else:
+            self.conv_wgrad()
+        if self.own_bn_backward:
+            self.bn_backward()
 
     # -- eager (cuDNN) -------------------------------------------------------------------------
     def eager_graph(self):
@@ -151,7 +171,8 @@ class Triple:
 
 def measure(t: Triple, bench) -> dict:
     """Medians (ms) of the backend's ops alone and of the fused forward and backward of triple t."""
-    row = {f"{op}_ms": bench(getattr(t, op)) if (op != "bn_backward" or t.with_bn) else 0.0 for op in OPS}
+    runs = {"bn_backward": t.with_bn, "conv_wgrad_bn_backward": t.next_bn}
+    row = {f"{op}_ms": bench(getattr(t, op)) if runs.get(op, True) else 0.0 for op in OPS}
     row["fused_fwd_ms"] = bench(t.fused_forward)
     row["fused_bwd_ms"] = bench(t.fused_backward)
     return row

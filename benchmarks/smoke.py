@@ -4,7 +4,7 @@
 
 For every ResNet-1001 triple (preact_fused/shapes.py), each backend's contract ops (bn_stats,
 bn_fold, conv_fwd folding the triple's BN in its loader with residual and statistics, conv_dgrad,
-bn_backward, conv_wgrad) run on random inputs and are compared with the reference backend in
+bn_backward, conv_wgrad, and for conv1/conv2 conv_wgrad_bn_backward) run on random inputs and are compared with the reference backend in
 float64 (the ground truth) and in the same dtype (PyTorch's own path: cuDNN). An output passes when
 its error, max |out - ref64| / max |ref64|, is at most twice PyTorch's own error in that dtype, or
 within a floor (fp32: 1e-4, exact fp32 with TF32 off; bf16: 2^-8, one rounding step), the rule of
@@ -75,6 +75,13 @@ def triple_outputs(ops, triple, batch: int, dtype, device, seed: int = 0) -> dic
         out["conv_dgrad.sum_g"], out["conv_dgrad.sum_gx"] = sums[0], sums[1]
         out["bn_backward.dx"] = ops.bn_backward(g, x, fold, sums, x.numel() / cin, True)
     out["conv_wgrad.dw"] = ops.conv_wgrad(x, dy, w, stride, pad, fold)
+    if roles["next_bn"]:  # dy as the backward of the next BN (input bn_x), from its masked gradient
+        bn_x = rand(batch, cout, ho, ho).to(device, dtype).contiguous(memory_format=cl)
+        next_fold = ops.bn_fold(ops.bn_stats(bn_x), eps=EPS)
+        next_sums = rand(3, cout).to(device, vdtype)
+        dw, dy_bn = ops.conv_wgrad_bn_backward(x, dy, w, stride, pad, fold, bn_x, next_fold, next_sums,
+                                               bn_x.numel() / cout, True)
+        out["conv_wgrad_bn_backward.dw"], out["conv_wgrad_bn_backward.dy"] = dw, dy_bn
     return out
 
 

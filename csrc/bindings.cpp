@@ -410,14 +410,26 @@ std::tuple<Tensor, Tensor> conv_dgrad(const Tensor& dy_in, const Tensor& weight_
   return {g, sums};
 }
 
-Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, const Tensor& weight, int64_t stride, int64_t padding,
-                  const OptTensor& fold_in) {
+// The BatchNorm whose backward gives conv_wgrad_bn_backward's dy: its input, fold and sums.
+struct NextBn {
+  const Tensor& x;
+  const Tensor& fold;
+  const Tensor& sums;
+  double count;
+  bool training;
+};
+
+// conv_wgrad, and with `next` conv_wgrad_bn_backward (dy_in is then the next BN's g): (dW, the dy
+// computed, or an empty placeholder).
+std::tuple<Tensor, Tensor> wgrad(const Tensor& x_in, const Tensor& dy_in, const Tensor& weight, int64_t stride,
+                                 int64_t padding, const OptTensor& fold_in, const NextBn* next) {
+  const char* dy_name = next != nullptr ? "g" : "dy";
   check_activation(x_in, "x", x_in);
-  check_activation(dy_in, "dy", x_in);
+  check_activation(dy_in, dy_name, x_in);
   check_geometry(stride, padding);
   const at::IntArrayRef weight_shape = weight.sizes();
   TORCH_CHECK(weight_shape.size() == 4 && weight_shape[1] == x_in.size(1) && weight_shape[0] == dy_in.size(1),
-              "preact_fused: weight ", weight_shape, " does not match x ", x_in.sizes(), " and dy ",
+              "preact_fused: weight ", weight_shape, " does not match x ", x_in.sizes(), " and ", dy_name, " ",
               dy_in.sizes());
   const DType dt = dtype_of(x_in, "x");
   const DeviceGuard guard(x_in.device());
@@ -425,15 +437,36 @@ Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, const Tensor& weight,
   const Tensor dy = nhwc(dy_in, x_in.scalar_type());
   const int64_t cout = weight_shape[0], cin = weight_shape[1], kh = weight_shape[2], kw = weight_shape[3];
   const int64_t ho = conv_out(x.size(2), kh, stride, padding), wo = conv_out(x.size(3), kw, stride, padding);
-  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == ho && dy.size(3) == wo, "preact_fused: dy shape ", dy.sizes(),
-              " does not match the convolution of x ", x.sizes());
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == ho && dy.size(3) == wo, "preact_fused: ", dy_name, " shape ",
+              dy.sizes(), " does not match the convolution of x ", x.sizes());
   ConvWgradArgs a{};
   a.s = make_shape(x, cout, kh, kw, ho, wo, stride, padding);
   a.dtype = dt;
   // dW in the weight's memory format (contract.weight_grad_like): autograd accumulates it without a copy.
   Tensor dw = at::empty_like(weight, weight.options().dtype(at::kFloat), at::MemoryFormat::Preserve);
   TORCH_CHECK(dw.numel() < (int64_t{1} << 31), "preact_fused: a weight of ", dw.numel(), " elements (at most 2^31 - 1)");
-  if (x.size(0) * ho * wo == 0) return dw.zero_();
+  Tensor bn_x, bn_fold, bn_sums, dy_out = placeholder(x);
+  if (next != nullptr) {
+    check_activation(next->x, "bn_x", x_in);
+    TORCH_CHECK(next->x.sizes() == dy_in.sizes(), "preact_fused: bn_x shape ", next->x.sizes(), " != g shape ",
+                dy_in.sizes());
+    TORCH_CHECK(next->x.scalar_type() == x_in.scalar_type() && dy_in.scalar_type() == x_in.scalar_type(),
+                "preact_fused: conv_wgrad_bn_backward needs x, g and bn_x of one dtype, got ", x_in.scalar_type(), ", ",
+                dy_in.scalar_type(), " and ", next->x.scalar_type());
+    bn_fold = stats_tensor(next->fold, 4, cout, "bn_fold", x);
+    if (next->training) {
+      bn_x = nhwc(next->x, x_in.scalar_type());
+      bn_sums = stats_tensor(next->sums, 3, cout, "bn_sums", x);
+    }
+    dy_out = new_tensor(dy_in.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    a.bn_x = bn_x.defined() ? bn_x.data_ptr() : nullptr;
+    a.bn_fold = bn_fold.data_ptr<float>();
+    a.bn_sums = bn_sums.defined() ? bn_sums.data_ptr<float>() : nullptr;
+    a.bn_count = static_cast<float>(next->count);
+    a.bn_training = next->training;
+    a.dy_out = dy_out.data_ptr();
+  }
+  if (x.size(0) * ho * wo == 0) return {dw.zero_(), dy_out};
   for (int d = 0; d < 4; ++d) a.dw_stride[d] = dw.stride(d);
   Tensor fold, part;
   if (fold_in.has_value()) fold = stats_tensor(*fold_in, 4, cin, "fold", x);
@@ -448,7 +481,20 @@ Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, const Tensor& weight,
   a.fold = fold.defined() ? fold.data_ptr<float>() : nullptr;
   a.dw = dw.data_ptr<float>();
   PF_CHECK_CUDA(launch_conv_wgrad(a, current_stream()));
-  return dw;
+  return {dw, dy_out};
+}
+
+Tensor conv_wgrad(const Tensor& x_in, const Tensor& dy_in, const Tensor& weight, int64_t stride, int64_t padding,
+                  const OptTensor& fold_in) {
+  return std::get<0>(wgrad(x_in, dy_in, weight, stride, padding, fold_in, nullptr));
+}
+
+std::tuple<Tensor, Tensor> conv_wgrad_bn_backward(const Tensor& x_in, const Tensor& g_in, const Tensor& weight,
+                                                  int64_t stride, int64_t padding, const OptTensor& fold_in,
+                                                  const Tensor& bn_x, const Tensor& bn_fold, const Tensor& bn_sums,
+                                                  double count, bool training) {
+  const NextBn next{bn_x, bn_fold, bn_sums, count, training};
+  return wgrad(x_in, g_in, weight, stride, padding, fold_in, &next);
 }
 
 Tensor bn_backward(const Tensor& g_in, const Tensor& x_in, const Tensor& fold_in, const Tensor& sums_in,
@@ -503,6 +549,8 @@ void define_ops(torch::Library& m) {
         "-> Tensor");
   m.def("bn_backward(Tensor g, Tensor x, Tensor fold, Tensor sums, float count, bool training, "
         "Tensor? d_residual) -> Tensor");
+  m.def("conv_wgrad_bn_backward(Tensor x, Tensor g, Tensor weight, int stride, int padding, Tensor? fold, "
+        "Tensor bn_x, Tensor bn_fold, Tensor bn_sums, float count, bool training) -> (Tensor, Tensor)");
 }
 
 void impl_ops(torch::Library& m) {
@@ -512,6 +560,7 @@ void impl_ops(torch::Library& m) {
   m.impl("conv_dgrad", &conv_dgrad);
   m.impl("conv_wgrad", &conv_wgrad);
   m.impl("bn_backward", &bn_backward);
+  m.impl("conv_wgrad_bn_backward", &conv_wgrad_bn_backward);
 }
 
 }  // namespace

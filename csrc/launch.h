@@ -124,6 +124,14 @@ struct ConvWgradArgs {
   const void* x;           // [n, h, w, cin]             dtype
   const void* dy;          // [n, ho, wo, cout]          dtype
   const float* fold;       // [4, cin] or nullptr (identity loader)
+  // conv_wgrad_bn_backward: dy above is the next BatchNorm's masked gradient g, and the kernel
+  // uses and stores dy = bn_backward(g, bn_x, bn_fold, bn_sums, bn_count, bn_training)
+  const void* bn_x;        // [n, ho, wo, cout]          dtype, read in training; else nullptr
+  const float* bn_fold;    // [4, cout], or nullptr (plain conv_wgrad)
+  const float* bn_sums;    // [3, cout] (training)
+  float bn_count;
+  bool bn_training;
+  void* dy_out;            // [n, ho, wo, cout]          dtype
   int splits;              // from conv_wgrad_splits
   float* partials;         // [splits, cout, kh*kw*cin] scratch when splits > 1
   int* counters;           // conv_wgrad_tiles zeroed int32 when splits > 1

@@ -1,7 +1,8 @@
 """Picks the backend that runs the kernel contracts: reference | triton | cuda.
 
 Every backend is a module exposing the functions of the kernel contract (``preact_fused.contract``:
-``conv_fwd``, ``bn_stats``, ``bn_fold``, ``conv_dgrad``, ``conv_wgrad``, ``bn_backward``) and
+``conv_fwd``, ``bn_stats``, ``bn_fold``, ``conv_dgrad``, ``conv_wgrad``, ``bn_backward``,
+``conv_wgrad_bn_backward``) and
 ``unavailable_reason(device) -> str | None`` (None when it can run on that device).
 
 "auto" (the default; the environment variable ``PREACT_FUSED_BACKEND`` overrides it) prefers the

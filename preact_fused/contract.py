@@ -34,6 +34,12 @@ Tensors
 * Backward sums ``sums``: ``[3, C]`` statistics dtype: sum_g, sum_gx = sum(g * (x - mean)) and
   dgamma = sum_gx * invstd, summed in the producing launch (fixed order), ``g`` being the masked
   gradient ``dP * (fma(x, scale, shift) > 0 or NaN)`` before rounding.
+* ``conv_wgrad_bn_backward`` is ``conv_wgrad`` whose output gradient ``dy`` is the ``bn_backward``
+  (training or not, no residual gradient) of the BatchNorm that follows the conv: from that BN's
+  masked gradient ``g``, its input ``bn_x`` (the conv's output), fold and sums. One launch computes
+  ``dy`` (``bn_backward``'s values in ``bn_x``'s dtype), uses it for dW and stores it: the
+  ``bn_backward`` launch of a chain's inner triples and one pass over ``dy`` are saved. ``x``,
+  ``g`` and ``bn_x`` share one dtype (a chain's activations; the CUDA backend refuses others).
 * Empty outputs: a summary, fold or sums that an op does not produce is an empty ``[0]`` tensor
   (torch.compile traces every output as a tensor); the Python functions return None instead.
 
@@ -76,6 +82,9 @@ SCHEMAS = {
     "bn_backward": (
         "bn_backward(Tensor g, Tensor x, Tensor fold, Tensor sums, float count, bool training, "
         "Tensor? d_residual) -> Tensor"),
+    "conv_wgrad_bn_backward": (
+        "conv_wgrad_bn_backward(Tensor x, Tensor g, Tensor weight, int stride, int padding, Tensor? fold, "
+        "Tensor bn_x, Tensor bn_fold, Tensor bn_sums, float count, bool training) -> (Tensor, Tensor)"),
 }
 OPS = tuple(SCHEMAS)
 MUTATED = {"conv_fwd": ("running_mean", "running_var", "num_batches_tracked"),
@@ -267,3 +276,8 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::bn_backward")
     def _bn_backward(g, x, fold, sums, count, training, d_residual):
         return torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device, memory_format=cl)
+
+    @torch.library.register_fake(f"{namespace}::conv_wgrad_bn_backward")
+    def _conv_wgrad_bn_backward(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, count, training):
+        dy = torch.empty(tuple(bn_x.shape), dtype=bn_x.dtype, device=bn_x.device, memory_format=cl)
+        return weight_grad_like(weight, x), dy

@@ -147,6 +147,16 @@ def conv_wgrad(x, dy, weight, stride: int, padding: int, fold=None):
     return _ops().conv_wgrad(x, dy, weight, int(stride), int(padding), fold)
 
 
+def conv_wgrad_bn_backward(x, g, weight, stride: int, padding: int, fold, bn_x, bn_fold, bn_sums, count: float,
+                           training: bool = True):
+    """(dW, dy): conv_wgrad of dy = bn_backward(g, bn_x, bn_fold, bn_sums, count, training), computed
+    in the launch's dy loader and stored (bn_x's format); x, g and bn_x of one dtype. One launch."""
+    _check_dtype(x, "x")
+    dw, dy = _ops().conv_wgrad_bn_backward(x, g, weight, int(stride), int(padding), fold, bn_x, bn_fold, bn_sums,
+                                           float(count), bool(training))
+    return dw, keep_format(dy, bn_x)
+
+
 def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):
     """dx = scale g + B x + C [+ d_residual] in x's dtype and format (B = C = 0 when not training)."""
     _check_dtype(x, "x")

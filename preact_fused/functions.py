@@ -6,9 +6,11 @@ shortcut, or several convs of a converted model sharing one BN), and a residual 
 the first sibling's output) is added to the last output. One Function for the unit means one
 backward in which every op is called explicitly: the residual gradient enters the first BN's
 ``bn_backward`` (no autograd add), dgamma/dbeta are views of the sums ``conv_dgrad`` reduced, and
-nothing is materialised for outputs without gradient. A bottleneck unit costs 3 launches forward
-(each conv folds its BN in its prologue and emits the next BN's statistics in its epilogue) and 9
-backward (dgrad, wgrad and bn_backward per triple).
+nothing is materialised for outputs without gradient. The BN backward of an inner triple is computed
+by the next triple's wgrad, in its own launch (``conv_wgrad_bn_backward``), which also stores it for
+that triple's dgrad. A bottleneck unit costs 3 launches forward (each conv folds its BN in its
+prologue and emits the next BN's statistics in its epilogue) and 7 backward (dgrad and wgrad per
+triple, the first triple's bn_backward).
 
 Saved for backward: the input of every triple (pre-BN: not relu(bn(x))), the per-channel folds and
 the weights. The BatchNorm statistics are computed by the ops without autograd; their gradient is
@@ -180,6 +182,9 @@ def _chain_backward(ctx, dy, d_siblings):
     grads = [[None, None, None] for _ in chain.triples]  # (dW, dgamma, dbeta) per triple
     sibling_dw = [None] * len(chain.siblings)
     d = dy
+    # The gradient into triple i's conv, when it is bn_backward(*pending) of triple i + 1's BN, not
+    # yet computed: triple i's wgrad computes it in its own launch (conv_wgrad_bn_backward).
+    pending = None
     if chain.residual == "sibling":
         d_siblings = (dy,) + tuple(d_siblings[1:])
     for i in reversed(range(n)):
@@ -187,12 +192,17 @@ def _chain_backward(ctx, dy, d_siblings):
         h, fold = inputs[i], folds[i]
         weight = triple_params[i][0]
         stride, padding = chain.geometry[i]
-        if d is None:
+        if d is None and pending is None:
             continue
         needs_w, needs_gamma, needs_beta = needs_params[i]
         upstream = i > 0 or needs_x or needs_gamma or needs_beta or any(needs_siblings)
-        if needs_w:
+        if needs_w and pending is not None:
+            grads[i][0], d = ops.conv_wgrad_bn_backward(h, pending[0], weight, stride, padding, fold, *pending[1:])
+        elif pending is not None and upstream:
+            d = ops.bn_backward(*pending, None)
+        elif needs_w:
             grads[i][0] = ops.conv_wgrad(h, d, weight, stride, padding, fold)
+        pending = None
         if not upstream:
             d = None
             continue
@@ -212,13 +222,19 @@ def _chain_backward(ctx, dy, d_siblings):
                                                    s_padding, fold)
                 pairs.append(ops.conv_dgrad(d_siblings[j], sibling_weights[j], h, s_stride, s_padding, fold))
         training, sync = ctx.modes[i]
-        d_residual = dy if (i == 0 and chain.residual == "input") else None
-        for g_part, sums_part in reversed(pairs):
-            sums_dx = sums_part
+
+        def sums_dx(sums_part):
             if training and sync is not None:
-                sums_dx = _dist.global_sums(sums_part, count, sync[1], sync[0])
-            d_residual = ops.bn_backward(g_part, h, fold, sums_dx, count, training, d_residual)
-        d = d_residual
+                return _dist.global_sums(sums_part, count, sync[1], sync[0])
+            return sums_part
+
+        if i > 0:  # one masked gradient and no residual gradient: the next triple's wgrad takes it
+            pending = (g, h, fold, sums_dx(sums), count, training)
+            d = None
+        else:
+            d = dy if chain.residual == "input" else None  # the residual gradient enters the first BN's
+            for g_part, sums_part in reversed(pairs):
+                d = ops.bn_backward(g_part, h, fold, sums_dx(sums_part), count, training, d)
         total = pairs[0][1]
         for _, more in pairs[1:]:
             total = total + more

@@ -108,6 +108,13 @@ def conv_wgrad(x, dy, weight, stride: int, padding: int, fold=None):
     return contract.weight_grad_like(weight, x).copy_(dw)
 
 
+def conv_wgrad_bn_backward(x, g, weight, stride: int, padding: int, fold, bn_x, bn_fold, bn_sums, count: float,
+                           training: bool = True):
+    """(dW, dy): conv_wgrad of dy = bn_backward(g, bn_x, bn_fold, bn_sums, count, training), and dy."""
+    dy = bn_backward(g, bn_x, bn_fold, bn_sums, count, training)
+    return conv_wgrad(x, dy, weight, stride, padding, fold), dy
+
+
 def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):
     """dx = scale g + B x + C [+ d_residual] in x's dtype and format.
 

@@ -438,6 +438,50 @@ def check_conv_wgrad(ops, case, dtype, device, layout_name, training, tf32=False
     assert_close("conv_wgrad dw", dw, dw64, dtype, same, tf32)
 
 
+def check_conv_wgrad_bn_backward(ops, case, dtype, device, layout_name, training):
+    """conv_wgrad_bn_backward against torch autograd: dy = the backward of the BatchNorm that follows
+    the conv (from its masked gradient g, its input, fold and sums) and dW of the conv through its
+    own BN-ReLU; and bit for bit what the backend's bn_backward followed by its conv_wgrad give."""
+    t = make_triple(case)
+    x = to_backend(t.x, dtype, device, layout_name)
+    t = Triple(**{**t.__dict__, "x": x.to(torch.float64).cpu()})
+    n, _, ho, wo = t.dy.shape
+    # the next triple: its BN reads this conv's output
+    nxt = make_triple(ConvCase(n, case.cout, 5, ho, wo, 1, 1), seed=1)
+    bn_x = to_backend(nxt.x, dtype, device, LAYOUTS[(LAYOUTS.index(layout_name) + 1) % len(LAYOUTS)])
+    nxt = Triple(**{**nxt.__dict__, "x": bn_x.to(torch.float64).cpu()})
+    g64, dy64, _, dgamma64, dbeta64 = nxt.grads(training)
+    g = to_backend(g64, dtype, device, layout_name)
+    bn_fold = to_backend(nxt.fold(training), dtype, device)
+    bn_sums = to_backend(torch.stack([dbeta64, dgamma64 / nxt.fold(training)[INVSTD], dgamma64]), dtype, device)
+    count = nxt.x.numel() / nxt.x.shape[1]
+    fold = to_backend(t.fold(training), dtype, device)
+    shape = tuple(t.w.shape)
+    weight = t.w.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    with poisoned_allocations(device):
+        dw, dy = ops.conv_wgrad_bn_backward(x, g, weight, case.stride, case.padding, fold, bn_x, bn_fold, bn_sums,
+                                            count, training)
+    dw64 = torch.nn.grad.conv2d_weight(t.activation(training), shape, dy64, stride=case.stride, padding=case.padding)
+    same_dy = same_dw = None
+    if dtype in (torch.bfloat16, torch.float16):  # eager's BN backward and weight gradient in that dtype
+        xs = bn_x.cpu().requires_grad_()
+        mean, var = nxt.bn(training)
+        z = F.batch_norm(xs, None if training else mean.to(dtype), None if training else var.to(dtype),
+                         nxt.gamma.to(dtype), nxt.beta.to(dtype), training, 0.0, EPS)
+        z.backward(g.cpu())
+        same_dy = xs.grad
+        same_dw = torch.nn.grad.conv2d_weight(t.activation(training, x.cpu()), shape, same_dy, stride=case.stride,
+                                              padding=case.padding)
+    assert_close("conv_wgrad_bn_backward dy", dy, dy64, dtype, same_dy)
+    assert_close("conv_wgrad_bn_backward dw", dw, dw64, dtype, same_dw)
+    assert dy.dtype == dtype and dw.dtype == stats_dtype(dtype)
+    assert contract.is_channels_last(dy) == contract.is_channels_last(bn_x), "conv_wgrad_bn_backward: dy not in bn_x's format"
+    unfused_dy = ops.bn_backward(g, bn_x, bn_fold, bn_sums, count, training)
+    assert torch.equal(dy, unfused_dy), "conv_wgrad_bn_backward: dy differs from the backend's bn_backward"
+    assert torch.equal(dw, ops.conv_wgrad(x, unfused_dy, weight, case.stride, case.padding, fold)), \
+        "conv_wgrad_bn_backward: dW differs from the backend's conv_wgrad of its bn_backward"
+
+
 def check_bn_backward(ops, case, dtype, device, layout_name, training, with_residual):
     """dx = bn_backward(g, x, fold, sums) against torch autograd's dx (plus a residual gradient)."""
     t = make_triple(case)
@@ -626,6 +670,9 @@ def opcheck_samples(dtype, device):
     vec = (lambda v: to_backend(v, dtype, device))
     gamma, beta = vec(t.gamma), vec(t.beta)
     sums = torch.randn(3, case.cin, device=device)
+    # the BN after the conv (input ``res``, dy's shape), for conv_wgrad_bn_backward
+    dy_fold = to_backend(contract.fold_from_summary(_summary_of(res.double().cpu()), None, None, EPS), dtype, device)
+    dy_sums = torch.randn(3, case.cout, device=device)
 
     def running():
         return vec(t.running_mean), vec(t.running_var), torch.tensor(3, device=device)
@@ -643,6 +690,8 @@ def opcheck_samples(dtype, device):
         "conv_dgrad": [(dy, w, x, 2, 1, fold), (dy, w, x, 2, 1, None)],
         "conv_wgrad": [(x, dy, w, 2, 1, fold), (x, dy, w.contiguous(memory_format=torch.channels_last), 2, 1, None)],
         "bn_backward": [(x, x, fold, sums, 162.0, True, x), (x, x, fold, sums, 162.0, False, None)],
+        "conv_wgrad_bn_backward": [(x, dy, w, 2, 1, fold, res, dy_fold, dy_sums, 50.0, True),
+                                   (x, dy, w, 2, 1, None, res, dy_fold, dy_sums, 50.0, False)],
     }
 
 

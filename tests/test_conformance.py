@@ -92,6 +92,14 @@ def test_conv_dgrad_wgrad(backend, case_index):
                                 with_bn=case_index != 5)
 
 
+@pytest.mark.parametrize("case_index", range(len(ODD_CASES)))
+def test_conv_wgrad_bn_backward(backend, case_index):
+    case = ODD_CASES[case_index]
+    for dtype in backend.conv_dtypes:
+        checks.check_conv_wgrad_bn_backward(backend.ops, case, dtype, backend.device, LAYOUTS[case_index % 3],
+                                            training=case_index % 2 == 1)
+
+
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_bn_stats(backend, layout_name):
     for dtype in backend.bn_dtypes:

@@ -1,9 +1,11 @@
 """The launch budget of a fused pre-activation unit, counted at the contract level.
 
 The fused path's Python (the unit's autograd Function, the BatchNorm bookkeeping, the blocks) must
-call exactly 3 contract ops forward and 9 backward for a bottleneck unit with an identity shortcut,
-and launch nothing else: no ATen op that does work runs between the ops (allocations and views do
-no work). Each fast backend's tests check that one op is one kernel launch, so a unit is 12 launches.
+call exactly 3 contract ops forward and 7 backward for a bottleneck unit with an identity shortcut
+(3 dgrad; the last triple's wgrad; the first two triples' wgrad computing the BN backward of the
+triple after them, conv_wgrad_bn_backward; the first triple's bn_backward), and launch nothing else:
+no ATen op that does work runs between the ops (allocations and views do no work). Each fast
+backend's tests check that one op is one kernel launch, so a unit is 10 launches.
 """
 from __future__ import annotations
 
@@ -76,24 +78,26 @@ def _unit_counts(block, x, monkeypatch):
     return forward, forward_glue, dict(calls), dict(glue.ops)
 
 
-# (unit, input shape, contract ops per kind, ATen ops that do work in the backward glue)
+# (unit, input shape, convs, triples, ATen ops that do work in the backward glue)
 UNITS = {
-    "bottleneck": (lambda: PreActBottleneck(16, 4), (2, 16, 5, 5), 3, {}),
+    "bottleneck": (lambda: PreActBottleneck(16, 4), (2, 16, 5, 5), 3, 3, {}),
     # a projection unit adds only the shortcut conv, and one add: the first BN's sums [3, C] of its
     # two consumers
-    "projection": (lambda: PreActBottleneck(8, 4, stride=2), (2, 8, 5, 5), 4, {"add": 1}),
-    "basic": (lambda: PreActBasicBlock(8, 8), (1, 8, 5, 5), 2, {}),
+    "projection": (lambda: PreActBottleneck(8, 4, stride=2), (2, 8, 5, 5), 4, 3, {"add": 1}),
+    "basic": (lambda: PreActBasicBlock(8, 8), (1, 8, 5, 5), 2, 2, {}),
 }
 
 
 @pytest.mark.parametrize("unit", list(UNITS))
 def test_unit_calls_each_contract_op_once_per_conv_and_nothing_else(unit, monkeypatch):
-    make, shape, convs, expected_backward_glue = UNITS[unit]
+    make, shape, convs, triples, expected_backward_glue = UNITS[unit]
     torch.manual_seed(0)
     block = make().double()
     forward, forward_glue, backward, backward_glue = _unit_counts(block, torch.randn(*shape, dtype=torch.float64),
                                                                   monkeypatch)
+    inner = triples - 1  # BNs whose backward the wgrad of the triple before them computes
     assert forward == {"conv_fwd": convs}
-    assert backward == {"conv_dgrad": convs, "conv_wgrad": convs, "bn_backward": convs}
+    assert backward == {"conv_dgrad": convs, "conv_wgrad": convs - inner, "conv_wgrad_bn_backward": inner,
+                        "bn_backward": convs - inner}
     assert forward_glue == {}
     assert backward_glue == expected_backward_glue, backward_glue

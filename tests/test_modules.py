@@ -112,6 +112,27 @@ def test_blocks_match_unfused(block, stride):
         assert torch.equal(ba, bb) or rel(ba.double(), bb.double()) < 1e-12, name
 
 
+@pytest.mark.parametrize("frozen", [("conv1.weight",), ("conv2.weight",), ("conv1.weight", "conv2.weight", "bn1.weight",
+                                                                          "bn1.bias")], ids=str)
+def test_frozen_weights_match_unfused(frozen):
+    """A frozen conv weight: the BN backward after it runs as its own bn_backward (no wgrad to fuse it in)."""
+    torch.manual_seed(3)
+    fused = PreActBottleneck(16, 4, fused=True).double()
+    eager = PreActBottleneck(16, 4, fused=False).double()
+    eager.load_state_dict(fused.state_dict())
+    for block in (fused, eager):
+        for name, p in block.named_parameters():
+            p.requires_grad_(name not in frozen)
+    x = torch.randn(2, 16, 5, 5, dtype=F64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(2, 16, 5, 5, dtype=F64)
+    fused(xa).backward(dy)
+    eager(xb).backward(dy)
+    assert rel(xa.grad, xb.grad) < 1e-9
+    for (name, pa), pb in zip(fused.named_parameters(), eager.parameters()):
+        assert (pa.grad is None) == (name in frozen) and (pa.grad is None or rel(pa.grad, pb.grad) < 1e-9), name
+
+
 def test_forward_with_stats_uses_producer_statistics():
     """forward_with_stats(x, stats) takes the statistics of x from them and returns those of y."""
     from preact_fused import contract, reference

@@ -126,6 +126,8 @@ def _one_of_each():
     stats = reference.bn_stats(x)
     fold = reference.bn_fold(stats, gamma, beta)
     sums = torch.randn(3, cin, device=DEVICE)
+    next_fold = reference.bn_fold(reference.bn_stats(res))  # a BN after the conv (input res)
+    next_sums = torch.randn(3, cout, device=DEVICE)
 
     def running():
         return dict(running_mean=torch.zeros(cin, device=DEVICE), running_var=torch.ones(cin, device=DEVICE),
@@ -147,6 +149,10 @@ def _one_of_each():
         "conv_dgrad/plain": ("conv_dgrad", (dy, w, x, 2, 1, None)),
         "conv_wgrad/bn": ("conv_wgrad", (x, dy, w, 2, 1, fold)),
         "conv_wgrad/plain": ("conv_wgrad", (x, dy, w.contiguous(memory_format=torch.channels_last), 2, 1, None)),
+        "conv_wgrad_bn_backward/training": ("conv_wgrad_bn_backward", (x, dy, w, 2, 1, fold, res, next_fold,
+                                                                       next_sums, 18.0, True)),
+        "conv_wgrad_bn_backward/eval": ("conv_wgrad_bn_backward", (x, dy, w, 2, 1, None, res, next_fold, next_sums,
+                                                                   18.0, False)),
         "bn_backward/training": ("bn_backward", (x, x, fold, sums, 72.0, True, x)),
         "bn_backward/eval": ("bn_backward", (x, x, fold, sums, 72.0, False, None)),
     }

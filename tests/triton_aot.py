@@ -69,13 +69,14 @@ def resnet1001_launches(dtype_name: str, batch: int):
     the forward as the fused units issue it (stem: no BN, statistics of its output; conv1/conv2:
     the fold from the input's statistics with the running-statistic update, output statistics;
     conv3: the same plus the residual; projection shortcut: the fold of conv1's BN), the eval-mode
-    forward (running statistics), dgrad, wgrad, bn_stats, bn_backward and bn_fold."""
+    forward (running statistics), dgrad, wgrad (with the next BN's backward for conv1 and conv2),
+    bn_stats, bn_backward and bn_fold."""
     import torch
 
     from preact_fused.triton import bn_grad, conv, stats
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from preact_fused.shapes import RESNET1001_TRIPLES
+    from preact_fused.shapes import RESNET1001_TRIPLES, triple_roles
 
     dtype = torch.float32 if dtype_name.startswith("float32") else getattr(torch, dtype_name)
     tf32 = dtype_name == "float32-tf32"
@@ -110,6 +111,10 @@ def resnet1001_launches(dtype_name: str, batch: int):
             fold = vec(4, cin) if preact else None
             conv.conv_dgrad(dy, w, x, stride, pad, fold, tf32=tf32)
             conv.conv_wgrad(x, dy, w, stride, pad, fold, tf32=tf32)
+            if triple_roles(name)["next_bn"]:  # the wgrad that computes the next BN's backward
+                for training in (True, False):
+                    conv.conv_wgrad_bn_backward(x, dy, w, stride, pad, fold, act(cout, ohw), vec(4, cout),
+                                                vec(3, cout), 1000.0, training, tf32=tf32)
             stats.bn_stats(x)
             for training in (True, False):
                 bn_grad.bn_backward(x, x, vec(4, cin), vec(3, cin), 1000.0, training, None if training else x)

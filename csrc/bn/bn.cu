@@ -3,6 +3,7 @@
 // statistics with the running-statistic update (bn_fold), and the elementwise BatchNorm backward
 // dx = scale*g + B*x + C [+ d_residual] (bn_backward). All reductions run in a fixed order:
 // results are bitwise reproducible.
+#include "backward.cuh"
 #include "fold.cuh"
 #include "../reduce.cuh"
 
@@ -116,27 +117,7 @@ cudaError_t launch_bn_fold(const BnFoldArgs& a, cudaStream_t stream) {
 }
 
 // ---- bn_backward ------------------------------------------------------------------------------
-// Coefficients of dx = A*g + B*x + C per channel, computed by every block into (dynamic) shared
-// memory, in the reference's order of operations:
-//   A = scale, B = -scale * invstd * invstd * sum_gx / count, C = -scale * sum_g / count - B * mean
-// (B = C = 0 with running statistics).
-struct Coef {
-  float a, b, c;
-};
-
-__device__ __forceinline__ Coef bn_backward_coef(const float* fold, const float* sums, float count, bool training,
-                                                 int c, int ch) {
-  const long long cs = c;
-  const float scale = __ldg(fold + 2 * cs + ch);
-  Coef k{scale, 0.f, 0.f};
-  if (training) {
-    const float mean = __ldg(fold + ch), invstd = __ldg(fold + cs + ch);
-    const float sum_g = __ldg(sums + ch), sum_gx = __ldg(sums + cs + ch);
-    k.b = __fdiv_rn(__fmul_rn(__fmul_rn(__fmul_rn(-scale, invstd), invstd), sum_gx), count);
-    k.c = __fadd_rn(__fdiv_rn(__fmul_rn(-scale, sum_g), count), -__fmul_rn(k.b, mean));
-  }
-  return k;
-}
+// The coefficients of backward.cuh per channel, computed by every block into (dynamic) shared memory.
 
 template <typename T>
 __global__ void __launch_bounds__(256) bn_backward_kernel(const T* __restrict__ g,     // [rows, c]
@@ -157,12 +138,8 @@ __global__ void __launch_bounds__(256) bn_backward_kernel(const T* __restrict__ 
   }
   __syncthreads();
   auto get = [&](int ch) -> Coef { return {coef[ch], coef[c + ch], coef[2 * c + ch]}; };
-  // dx = ((A*g + B*x) + C) [+ d_residual], each step rounded (the reference's torch ops).
-  auto value = [&](float gv, float xv, const Coef& k) {
-    float d = __fmul_rn(gv, k.a);
-    if (training) d = __fadd_rn(__fadd_rn(d, __fmul_rn(xv, k.b)), k.c);
-    return d;
-  };
+  // dx = bn_backward_value [+ d_residual], each step rounded (the reference's torch ops).
+  auto value = [&](float gv, float xv, const Coef& k) { return bn_backward_value(gv, xv, k, training); };
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
   const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (vec) {  // c % kVec == 0 and every pointer 16-byte aligned

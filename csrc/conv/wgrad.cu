@@ -11,6 +11,10 @@
 // empty slice) to partials[split]; the last split of a tile to arrive (arrival counter per output
 // tile, reset by it) sums the splits' partials in split order 0..S-1 (deterministic, whatever the
 // arrival order) and writes dW in torch's [cout, cin, kh, kw] layout. One split writes dW directly.
+// conv_wgrad_bn_backward: dy is computed in the dy loader as bn_backward(g, bn_x) of the BatchNorm
+// that follows the conv (backward.cuh's formula, rounded to T, 0 off the tile), applied when the
+// registers are written to shared memory; the blocks of row tile 0 also store it, each element once.
+#include "../bn/backward.cuh"
 #include "../reduce.cuh"
 
 namespace preact_fused {
@@ -45,6 +49,12 @@ struct WgradParams {
   int kfwd;                // kh*kw*cin
   int pixels;              // n*ho*wo
   const float* fold;       // [4, cin] mean, invstd, scale, shift, or nullptr (identity)
+  const T* bn_x;           // conv_wgrad_bn_backward, training: [n, ho, wo, cout] the next BN's input, else nullptr
+  const float* bn_fold;    // conv_wgrad_bn_backward: [4, cout] its fold, else nullptr (dy given)
+  const float* bn_sums;    // conv_wgrad_bn_backward, training: [3, cout] its sums
+  float bn_count;          // its element count per channel
+  bool bn_training;
+  T* dy_out;               // conv_wgrad_bn_backward: [n, ho, wo, cout] the dy computed
   bool x_vec;              // cin % kVec == 0 and x 16-byte aligned
   bool d_vec;              // cout % kVec == 0 and dy 16-byte aligned
   int chunks_per_split;    // pixel chunks (BP pixels) per split
@@ -169,34 +179,80 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
     }
   };
 
-  // ---- dy loader --------------------------------------------------------------------------------
-  uint4 d_reg[Cfg::kDIters];
+  // ---- dy loader (with bn_fold: g and the next BN's input, dy computed when stored) -------------
+  const bool bn_bwd = p.bn_fold != nullptr;
+  const bool stores_dy = bn_bwd && tile_j == 0;
+  __shared__ float coef_s[3][BN];  // bn_bwd: A, B, C of the tile's columns co (0 past cout)
+  if (bn_bwd && tid < BN) {
+    const int co = n0 + tid;
+    const Coef k = co < p.cout ? bn_backward_coef(p.bn_fold, p.bn_sums, p.bn_count, p.bn_training, p.cout, co)
+                               : Coef{0.f, 0.f, 0.f};
+    coef_s[0][tid] = k.a;
+    coef_s[1][tid] = k.b;
+    coef_s[2][tid] = k.c;
+  }
+  __syncthreads();
+  uint4 d_reg[Cfg::kDIters], q_reg[Cfg::kDIters];
+  uint32_t d_ok = 0;  // bit i: vector i lies on the tile (pixel in the split, first column < cout)
   auto load_d = [&](int chunk) {
+    d_ok = 0;
 #pragma unroll
     for (int i = 0; i < Cfg::kDIters; ++i) {
       const int idx = tid + i * Cfg::kThreads;
       d_reg[i] = zero_vec();
+      q_reg[i] = zero_vec();
       if (idx >= Cfg::kDVecs) continue;
       const int pr = idx / Cfg::kDVecPerPix, dv = idx % Cfg::kDVecPerPix;
       const long long pl = pbeg + static_cast<long long>(chunk) * BP + pr;
       const int co = n0 + dv * kVec;
       if (pl >= pend || co >= p.cout) continue;
-      const T* src = p.dy + pl * p.cout + co;
+      d_ok |= 1u << i;
+      const long long off = pl * p.cout + co;
+      const bool read_x = bn_bwd && p.bn_training;
       if (p.d_vec) {
-        d_reg[i] = ldg_vec(src);
+        d_reg[i] = ldg_vec(p.dy + off);
+        if (read_x) q_reg[i] = ldg_vec(p.bn_x + off);
       } else {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e)
-          if (co + e < p.cout) set_elem<T>(d_reg[i], e, to_float(src[e]));
+        for (int e = 0; e < kVec; ++e) {
+          if (co + e < p.cout) {
+            set_elem<T>(d_reg[i], e, to_float(p.dy[off + e]));
+            if (read_x) set_elem<T>(q_reg[i], e, to_float(p.bn_x[off + e]));
+          }
+        }
       }
     }
   };
-  auto store_d = [&](int buf) {
+  auto store_d = [&](int buf, int chunk) {
 #pragma unroll
     for (int i = 0; i < Cfg::kDIters; ++i) {
       const int idx = tid + i * Cfg::kThreads;
       if (idx >= Cfg::kDVecs) continue;
       const int pr = idx / Cfg::kDVecPerPix, dv = idx % Cfg::kDVecPerPix;
+      if (bn_bwd && ((d_ok >> i) & 1u)) {
+        const long long pl = pbeg + static_cast<long long>(chunk) * BP + pr;
+        const int co = n0 + dv * kVec;
+        float gf[kVec], xf[kVec];
+        unpack<T>(d_reg[i], gf);
+        unpack<T>(q_reg[i], xf);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const int col = dv * kVec + e;
+          const Coef k{coef_s[0][col], coef_s[1][col], coef_s[2][col]};
+          gf[e] = co + e < p.cout ? to_float(from_float<T>(bn_backward_value(gf[e], xf[e], k, p.bn_training))) : 0.f;
+        }
+        d_reg[i] = pack<T>(gf);
+        if (stores_dy) {
+          T* dst = p.dy_out + pl * p.cout + co;
+          if (p.d_vec) {
+            *reinterpret_cast<uint4*>(dst) = d_reg[i];
+          } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e)
+              if (co + e < p.cout) dst[e] = from_float<T>(gf[e]);
+          }
+        }
+      }
       *reinterpret_cast<uint4*>(&Ds[buf][pr][dv * kVec]) = d_reg[i];
     }
   };
@@ -250,7 +306,7 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
     load_x(0);
     load_d(0);
     store_x(0);
-    store_d(0);
+    store_d(0, 0);
     __syncthreads();
     for (int c = 0; c < chunks; ++c) {
       const int buf = c & 1;
@@ -262,7 +318,7 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
       compute(buf);
       if (more) {
         store_x(buf ^ 1);
-        store_d(buf ^ 1);
+        store_d(buf ^ 1, c + 1);
       }
       __syncthreads();
     }
@@ -358,8 +414,15 @@ static cudaError_t run_conv_wgrad(const ConvWgradArgs& a, cudaStream_t stream) {
   p.kfwd = s.kh * s.kw * s.cin;
   p.pixels = s.n * s.ho * s.wo;
   p.fold = a.fold;
-  p.x_vec = s.cin % kVec == 0 && (reinterpret_cast<uintptr_t>(a.x) & 15u) == 0;
-  p.d_vec = s.cout % kVec == 0 && (reinterpret_cast<uintptr_t>(a.dy) & 15u) == 0;
+  p.bn_x = static_cast<const T*>(a.bn_x);
+  p.bn_fold = a.bn_fold;
+  p.bn_sums = a.bn_sums;
+  p.bn_count = a.bn_count;
+  p.bn_training = a.bn_training;
+  p.dy_out = static_cast<T*>(a.dy_out);
+  auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
+  p.x_vec = s.cin % kVec == 0 && aligned(a.x);
+  p.d_vec = s.cout % kVec == 0 && aligned(a.dy) && aligned(a.bn_x) && aligned(a.dy_out);
   const int chunks = ceil_div(p.pixels, wgrad_pixels_per_chunk(a.dtype));
   p.chunks_per_split = ceil_div(chunks, a.splits);
   const int bn = conv_tile_cols(s.cout);

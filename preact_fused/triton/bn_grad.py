@@ -1,4 +1,6 @@
-"""BatchNorm backward given the masked gradient: dx = scale*g + B*x + C [+ d_residual], one launch.
+"""BatchNorm backward given the masked gradient: dx = scale*g + B*x + C [+ d_residual], one launch;
+and the two functions of that formula, which conv.py's wgrad also uses when it computes the
+gradient it consumes (conv_wgrad_bn_backward).
 
 B and C are per channel (DESIGN.md section 1) and computed in each program from the fold [4, C],
 the sums [3, C] and the element count: B = -scale * invstd^2 * sum_gx / count,
@@ -13,6 +15,35 @@ from .common import INTERPRET, cdiv, empty_nhwc, next_power_of_2, semaphores, st
 from .launch import Plan, launch, pointer
 
 _MAX_BLOCK_C, _TILE = (16, 256) if INTERPRET else (128, 4096)  # channels per program, elements per program
+
+
+@triton.jit
+def bn_backward_coefficients(fold_ptr, sums_ptr, cols, col_ok, C, count, TRAINING: tl.constexpr):
+    """(scale, B, C) fp32 of channels ``cols``: dx = scale g + B x + C (B = C = 0 without TRAINING).
+
+    fold_ptr: [4, C] mean, invstd, scale, shift; sums_ptr: [3, C] sum_g, sum_gx, dgamma (TRAINING).
+    bn_backward and the wgrad that consumes it (conv.py) both compute dx with these two functions.
+    """
+    scale = tl.load(fold_ptr + 2 * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.zeros_like(scale)
+    c = tl.zeros_like(scale)
+    if TRAINING:
+        mean = tl.load(fold_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        invstd = tl.load(fold_ptr + C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sum_g = tl.load(sums_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sum_gx = tl.load(sums_ptr + C + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = -scale * invstd * invstd * sum_gx / count
+        c = -scale * sum_g / count - b * mean
+    return scale, b, c
+
+
+@triton.jit
+def bn_backward_value(g, x, scale, b, c, TRAINING: tl.constexpr):
+    """dx = scale g + (B x + C) in fp32 (x is read only with TRAINING)."""
+    dx = g.to(tl.float32) * scale
+    if TRAINING:
+        dx += x.to(tl.float32) * b + c
+    return dx
 
 
 @triton.jit
@@ -35,18 +66,12 @@ def _bn_backward_kernel(
     ih = rem // W
     iw = rem % W
     c64 = cols.to(tl.int64)[None, :]
-    scale = tl.load(fold_ptr + 2 * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale, b, c = bn_backward_coefficients(fold_ptr, sums_ptr, cols, col_ok, C, count, TRAINING)
     g = tl.load(g_ptr + (n * sg_n + ih * sg_h + iw * sg_w)[:, None] + c64 * sg_c, mask=ok, other=0.0)
-    dx = g.to(tl.float32) * scale[None, :]
+    x = g
     if TRAINING:
-        mean = tl.load(fold_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        invstd = tl.load(fold_ptr + C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        sum_g = tl.load(sums_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        sum_gx = tl.load(sums_ptr + C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        b = -scale * invstd * invstd * sum_gx / count
-        c = -scale * sum_g / count - b * mean
         x = tl.load(x_ptr + (n * sx_n + ih * sx_h + iw * sx_w)[:, None] + c64 * sx_c, mask=ok, other=0.0)
-        dx += x.to(tl.float32) * b[None, :] + c[None, :]
+    dx = bn_backward_value(g, x, scale[None, :], b[None, :], c[None, :], TRAINING)
     if HAS_RESIDUAL:
         dr = tl.load(dr_ptr + (n * sr_n + ih * sr_h + iw * sr_w)[:, None] + c64 * sr_c, mask=ok, other=0.0)
         dx += dr.to(tl.float32)

@@ -36,6 +36,7 @@ from .. import contract
 from .common import (BN_FOLD, BN_NONE, BN_RUNNING, BN_STATS, GROUP, INTERPRET, KIND_SUMMARY, KIND_SUMS,
                      bn_fold_vectors, bn_z, buffer, cdiv, dot_precision, empty_nhwc, next_power_of_2, preact,
                      reduce_tiles, semaphores, sm_count, source_offset, strides4, tile_summary, vector, write_fold)
+from .bn_grad import bn_backward_coefficients, bn_backward_value
 from .launch import Plan, Slot, launch, pointer
 
 
@@ -240,20 +241,27 @@ def _conv_kernel(
 
 
 @triton.autotune(configs=WGRAD_CONFIGS,
-                 key=["P", "Cin", "Cout", "CHUNK", "KH", "KW", "STRIDE", "PAD", "PREACT", "PRECISION"],
+                 key=["P", "Cin", "Cout", "CHUNK", "KH", "KW", "STRIDE", "PAD", "PREACT", "BN_BACKWARD",
+                      "BN_TRAINING", "PRECISION"],
                  prune_configs_by=None if INTERPRET else {"early_config_prune": _WGRAD_FIT})
 @triton.jit
 def _wgrad_kernel(
     x_ptr, sx_n, sx_c, sx_h, sx_w,      # pre-BN input [N, Cin, H, W] (strided)
-    dy_ptr, sd_n, sd_c, sd_h, sd_w,     # [N, Cout, OH, OW] (strided), any float dtype
+    dy_ptr, sd_n, sd_c, sd_h, sd_w,     # [N, Cout, OH, OW] (strided), any float dtype: dy, or with
+                                        # BN_BACKWARD the next BN's masked gradient g
     fold_ptr,                           # [4, Cin] fold (PREACT)
+    bnx_ptr, sq_n, sq_c, sq_h, sq_w,    # BN_BACKWARD: [N, Cout, OH, OW] (strided) the next BN's input
+    bnfold_ptr,                         # BN_BACKWARD: [4, Cout] its fold
+    bnsums_ptr,                         # BN_BACKWARD and BN_TRAINING: [3, Cout] its sums
+    dyout_ptr,                          # BN_BACKWARD: NHWC [P, Cout] output dy = bn_backward(g, ...), bnx's dtype
     part_ptr,                           # fp32 [SPLITS, KH*KW, Cin, Cout]: dW of each split's pixel range
     sem_ptr,                            # zero int32 semaphores, one per output tile (left zero)
     dw_ptr, sw_o, sw_i, sw_h, sw_w,     # fp32 [Cout, Cin, KH, KW] output (strided: the weight's format)
     P, Cin, Cout, H, W, OH, OW,
     CHUNK, SPLITS,                      # output pixels per split (program axis 2), number of splits
+    count,                              # BN_BACKWARD: the next BN's element count per channel
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    PREACT: tl.constexpr, PRECISION: tl.constexpr,
+    PREACT: tl.constexpr, BN_BACKWARD: tl.constexpr, BN_TRAINING: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ci_blocks = tl.cdiv(Cin, BLOCK_M)
@@ -273,6 +281,10 @@ def _wgrad_kernel(
                                              fold_ptr, 0.0, BN_FOLD, False, False)
     x_ch = ci.to(tl.int64)[:, None] * sx_c
     dy_co = co.to(tl.int64)[None, :] * sd_c
+    if BN_BACKWARD:  # dy = bn_backward(g, bn_x): its coefficients; the programs of tap 0, channel block 0 store dy
+        d_scale, d_b, d_c = bn_backward_coefficients(bnfold_ptr, bnsums_ptr, co, co_ok, Cout, count, BN_TRAINING)
+        bnx_co = co.to(tl.int64)[None, :] * sq_c
+        stores_dy = tl.program_id(0) == 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_K):
@@ -290,7 +302,18 @@ def _wgrad_kernel(
         if PREACT:
             a = preact(a, mask, scale[:, None], shift[:, None]).to(dtype)
         dy_pix = n * sd_n + oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w
-        b = tl.load(dy_ptr + dy_pix[:, None] + dy_co, mask=pix_ok[:, None] & co_ok[None, :], other=0.0).to(dtype)
+        b_ok = pix_ok[:, None] & co_ok[None, :]
+        b = tl.load(dy_ptr + dy_pix[:, None] + dy_co, mask=b_ok, other=0.0)
+        if BN_BACKWARD:
+            q = b
+            if BN_TRAINING:
+                q_pix = n * sq_n + oh.to(tl.int64) * sq_h + ow.to(tl.int64) * sq_w
+                q = tl.load(bnx_ptr + q_pix[:, None] + bnx_co, mask=b_ok, other=0.0)
+            d = bn_backward_value(b, q, d_scale[None, :], d_b[None, :], d_c[None, :], BN_TRAINING)
+            b = tl.where(b_ok, d, 0.0).to(dyout_ptr.dtype.element_ty)  # the stored value, 0 off the tile
+            tl.store(dyout_ptr + pix.to(tl.int64)[:, None] * Cout + co.to(tl.int64)[None, :], b,
+                     mask=b_ok & stores_dy)
+        b = b.to(dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     # This split's partial, then the last split of the output tile sums all of them in split order.
@@ -533,8 +556,9 @@ def _fitted_block(channels: int) -> int:
     return min(max(16, next_power_of_2(max(channels, 1))), max(c.kwargs["BLOCK_M"] for c in WGRAD_CONFIGS))
 
 
-# A _wgrad_kernel call's tensors by index: x, dy, the fold (inputs), dW, the split partials (outputs).
-_WX, _WDY, _WFOLD, _DW, _PARTIALS = range(5)
+# A _wgrad_kernel call's tensors by index: x, dy (or g), the fold, the next BN's input, fold and sums
+# (inputs), dW, the split partials, the dy computed (outputs).
+_WX, _WDY, _WFOLD, _BNX, _BNFOLD, _BNSUMS, _DW, _PARTIALS, _DYOUT = range(9)
 
 
 def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=None):
@@ -543,8 +567,30 @@ def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=Non
     x: [N, Cin, H, W] (pre-BN input); dy: [N, Cout, Ho, Wo]; weight: [Cout, Cin, KH, KW] (only its
     shape and memory format are used: dW has both); fold: [4, Cin] or None.
     """
-    inputs = (x, dy, vector(fold))
-    problem = ("conv_wgrad", tuple(weight.shape), weight.stride(), stride, padding, tf32, config, AUTOTUNE)
+    return _wgrad(x, dy, weight, stride, padding, fold, None, tf32, config)[0]
+
+
+def conv_wgrad_bn_backward(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, count, training,
+                           tf32=False, config=None):
+    """(dW, dy): conv_wgrad of dy = bn_backward(g, bn_x, bn_fold, bn_sums, count, training), computed
+    in the launch and stored (NHWC in bn_x's dtype), one launch (contract.conv_wgrad_bn_backward).
+
+    g, bn_x: [N, Cout, Ho, Wo] (any layout); bn_fold: [4, Cout]; bn_sums: [3, Cout] (training).
+    """
+    if bn_fold.dim() != 2 or (training and bn_sums.dim() != 2):
+        raise ValueError("conv_wgrad_bn_backward needs bn_fold [4, C] and, in training, bn_sums [3, C]")
+    return _wgrad(x, g, weight, stride, padding, fold, (bn_x, bn_fold, bn_sums, float(count), bool(training)), tf32,
+                  config)
+
+
+def _wgrad(x, dy, weight, stride, padding, fold, bn, tf32, config):
+    """(dW, the dy computed or None): one _wgrad_kernel launch; bn: (bn_x, bn_fold, bn_sums, count,
+    training) when dy is the masked gradient of the BN that follows the conv, else None."""
+    bn_x, bn_fold, bn_sums, count, training = bn if bn is not None else (None, None, None, 0.0, False)
+    # bn_x is read only in training; its dtype and layout (those of the dy stored) are part of the problem anyway
+    inputs = (x, dy, vector(fold), bn_x, vector(bn_fold), vector(bn_sums) if training else None)
+    problem = ("conv_wgrad", tuple(weight.shape), weight.stride(), stride, padding, bn is not None, count, training,
+               tf32, config, AUTOTUNE)
 
     def build():
         cout, cin, kh, kw = weight.shape
@@ -556,22 +602,28 @@ def conv_wgrad(x, dy, weight, stride, padding, fold=None, tf32=False, config=Non
         tiles = kh * kw * cdiv(cin, _fitted_block(cin)) * cdiv(cout, _fitted_block(cout))
         chunk, splits = _wgrad_split(pixels, tiles, device)
         dw = contract.weight_grad_like(weight, x)
-        outputs = (dw, torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device))
+        outputs = (dw, torch.empty(splits * kh * kw * cin * cout, dtype=torch.float32, device=device),
+                   None if bn is None else empty_nhwc(n, cout, ho, wo, bn_x))
         tensors = (*inputs, *outputs)
         sem = semaphores(device, kh * kw * max(1, cdiv(cin, 16)) * max(1, cdiv(cout, 16)))
         kwargs = dict(x_ptr=pointer(tensors, _WX, sem), **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())),
                       dy_ptr=pointer(tensors, _WDY, sem),
                       **dict(zip(("sd_n", "sd_c", "sd_h", "sd_w"), dy.stride())),
-                      fold_ptr=pointer(tensors, _WFOLD, sem), part_ptr=pointer(tensors, _PARTIALS, sem),
-                      sem_ptr=sem, dw_ptr=pointer(tensors, _DW, sem),
+                      fold_ptr=pointer(tensors, _WFOLD, sem),
+                      bnx_ptr=pointer(tensors, _BNX, sem) if training else sem,
+                      **dict(zip(("sq_n", "sq_c", "sq_h", "sq_w"), strides4(bn_x if training else None))),
+                      bnfold_ptr=pointer(tensors, _BNFOLD, sem), bnsums_ptr=pointer(tensors, _BNSUMS, sem),
+                      dyout_ptr=pointer(tensors, _DYOUT, sem),
+                      part_ptr=pointer(tensors, _PARTIALS, sem), sem_ptr=sem, dw_ptr=pointer(tensors, _DW, sem),
                       **dict(zip(("sw_o", "sw_i", "sw_h", "sw_w"), dw.stride())),
-                      P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo,
-                      CHUNK=chunk, SPLITS=splits, KH=kh, KW=kw, STRIDE=stride, PAD=padding,
-                      PREACT=fold is not None, PRECISION=dot_precision(x.dtype, tf32))
+                      P=pixels, Cin=cin, Cout=cout, H=h, W=w, OH=ho, OW=wo, CHUNK=chunk, SPLITS=splits,
+                      count=float(count), KH=kh, KW=kw, STRIDE=stride, PAD=padding, PREACT=fold is not None,
+                      BN_BACKWARD=bn is not None, BN_TRAINING=bool(training), PRECISION=dot_precision(x.dtype, tf32))
 
         def grid(meta):
             return (max(1, kh * kw * cdiv(cin, meta["BLOCK_M"])), max(1, cdiv(cout, meta["BLOCK_N"])), splits)
 
         return _plan(_wgrad_kernel, _WGRAD_FIT, grid, kwargs, tensors, outputs, config, device)
 
-    return launch(problem, build, inputs, x.device)[0]
+    dw, _, dy_out = launch(problem, build, inputs, x.device)
+    return dw, dy_out

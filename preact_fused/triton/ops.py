@@ -89,6 +89,14 @@ def _conv_wgrad_impl(x, dy, weight, stride, padding, fold):
         return _conv.conv_wgrad(x, dy, weight, stride, padding, fold, _tf32())
 
 
+def _conv_wgrad_bn_backward_impl(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, count, training):
+    check_activation(x, "x")
+    check_activation(g, "g")
+    with on_device_of(x):
+        return _conv.conv_wgrad_bn_backward(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, count,
+                                            training, _tf32())
+
+
 def _bn_backward_impl(g, x, fold, sums, count, training, d_residual):
     check_activation(x, "x")
     with on_device_of(x):
@@ -96,7 +104,8 @@ def _bn_backward_impl(g, x, fold, sums, count, training, d_residual):
 
 
 IMPLS = {"conv_fwd": _conv_fwd_impl, "bn_stats": _bn_stats_impl, "bn_fold": _bn_fold_impl,
-         "conv_dgrad": _conv_dgrad_impl, "conv_wgrad": _conv_wgrad_impl, "bn_backward": _bn_backward_impl}
+         "conv_dgrad": _conv_dgrad_impl, "conv_wgrad": _conv_wgrad_impl, "bn_backward": _bn_backward_impl,
+         "conv_wgrad_bn_backward": _conv_wgrad_bn_backward_impl}
 contract.define(NAMESPACE, IMPLS)
 _library_ops = getattr(torch.ops, NAMESPACE)
 
@@ -170,6 +179,17 @@ def conv_wgrad(x, dy, weight, stride: int, padding: int, fold=None):
     check_activation(x, "x")
     _conv.check_rows(dy.shape[0] * dy.shape[2] * dy.shape[3], "conv_wgrad")
     return _ops.conv_wgrad(x, dy, weight, stride, padding, fold)
+
+
+def conv_wgrad_bn_backward(x, g, weight, stride: int, padding: int, fold, bn_x, bn_fold, bn_sums, count: float,
+                           training: bool = True):
+    """(dW, dy): conv_wgrad of dy = bn_backward(g, bn_x, bn_fold, bn_sums, count, training), and dy
+    (bn_x's dtype and format), one launch."""
+    check_activation(x, "x")
+    _conv.check_rows(g.shape[0] * g.shape[2] * g.shape[3], "conv_wgrad_bn_backward")
+    dw, dy = _ops.conv_wgrad_bn_backward(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, float(count),
+                                         training)
+    return dw, contract.keep_format(dy, bn_x)
 
 
 def bn_backward(g, x, fold, sums, count: float, training: bool = True, d_residual=None):
