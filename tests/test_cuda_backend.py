@@ -19,7 +19,7 @@ from preact_fused.shapes import RESNET1001_TRIPLES, triple_roles
 
 from backend_checks import (BN_MODES, LAYOUTS, MANY_TILES, MANY_TILES_CASE, ODD_CASES, WIDE_BN_CASE, ConvCase,
                             check_bn_backward, check_bn_fold, check_bn_fold_low_precision_running, check_bn_stats,
-                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
+                            check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad, check_conv_wgrad_bn_backward,
                             check_empty_batch, check_nan_propagates, check_on_second_device, check_reruns_identical,
                             make_triple, opcheck_samples, resnet1001_case, to_backend)
 
@@ -103,6 +103,8 @@ def test_resnet1001_convs(triple, batch, dtype, layout_name):
     check_conv_fwd(ops, case, dtype, DEVICE, layout_name, mode, roles["with_residual"], roles["want_stats"])
     check_conv_dgrad(ops, case, dtype, DEVICE, layout_name, True, with_bn=with_bn)
     check_conv_wgrad(ops, case, dtype, DEVICE, layout_name, True, with_bn=with_bn)
+    if roles["next_bn"]:
+        check_conv_wgrad_bn_backward(ops, case, dtype, DEVICE, layout_name, True)
 
 
 @pytest.mark.parametrize("shape", [(128, 64, 32, 32), (128, 256, 8, 8), (128, 16, 32, 32)], ids=str)

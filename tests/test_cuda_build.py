@@ -32,7 +32,8 @@ from preact_fused.shapes import RESNET1001_TRIPLES, triple_roles
 
 from backend_checks import (MANY_TILES, MANY_TILES_CASE, ODD_CASES, WIDE_BN_CASE, WIDE_CASE, check_bn_backward,
                             check_bn_fold, check_bn_stats, check_compiled_unit, check_conv_dgrad, check_conv_fwd,
-                            check_conv_wgrad, check_reruns_identical, opcheck_samples, resnet1001_case)
+                            check_conv_wgrad, check_conv_wgrad_bn_backward, check_reruns_identical, opcheck_samples,
+                            resnet1001_case)
 
 # ---- the extension: build, load, schemas -----------------------------------------------------------
 
@@ -268,6 +269,8 @@ def test_emulated_resnet_convs(emu, triple, dtype):
     check_conv_fwd(emu, case, dtype, "cpu", "channels_last", mode, roles["with_residual"], roles["want_stats"])
     check_conv_dgrad(emu, case, dtype, "cpu", "channels_last", True, with_bn=with_bn)
     check_conv_wgrad(emu, case, dtype, "cpu", "channels_last", True, with_bn=with_bn)
+    if roles["next_bn"]:
+        check_conv_wgrad_bn_backward(emu, case, dtype, "cpu", "channels_last", True)
 
 
 @pytest.mark.slow
@@ -304,6 +307,7 @@ def test_emulated_kernels_in_other_thread_orders(emu, dtype, order, monkeypatch)
         check_conv_fwd(emu, case, dtype, "cpu", "channels_last", "update" if with_bn else "none", with_bn, True)
         check_conv_dgrad(emu, case, dtype, "cpu", "channels_last", True, with_bn=with_bn)
         check_conv_wgrad(emu, case, dtype, "cpu", "channels_last", True, with_bn=with_bn)
+        check_conv_wgrad_bn_backward(emu, case, dtype, "cpu", "channels_last", with_bn)
     check_bn_stats(emu, (3, 17, 9, 9), dtype, "cpu", "nchw")
     check_bn_stats(emu, MANY_TILES, dtype, "cpu", "channels_last")
     check_bn_fold(emu, 17, dtype, "cpu", "update_cumulative")
@@ -347,7 +351,8 @@ contract.register_fakes("preact_fused_emu")
 import preact_fused.cuda as cb
 cb._ops = lambda: torch.ops.preact_fused_emu
 from backend_checks import (ODD_CASES, WIDE_CASE, ConvCase, check_bn_backward, check_bn_fold, check_bn_stats,
-                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, check_empty_batch)
+                            check_conv_dgrad, check_conv_fwd, check_conv_wgrad, check_conv_wgrad_bn_backward,
+                            check_empty_batch)
 for case in ODD_CASES + [ConvCase(2, 64, 256, 8, 8, 1, 1), ConvCase(2, 32, 32, 32, 32, 3, 2), WIDE_CASE]:
     for dtype in (torch.float32, torch.bfloat16):
         for lay in ("channels_last", "nchw"):
@@ -355,6 +360,7 @@ for case in ODD_CASES + [ConvCase(2, 64, 256, 8, 8, 1, 1), ConvCase(2, 32, 32, 3
                 check_conv_fwd(cb, case, dtype, "cpu", lay, "update" if bn else "none", bn, bn)
                 check_conv_dgrad(cb, case, dtype, "cpu", lay, True, with_bn=bn)
                 check_conv_wgrad(cb, case, dtype, "cpu", lay, True, with_bn=bn)
+                check_conv_wgrad_bn_backward(cb, case, dtype, "cpu", lay, bn)
 for dtype in (torch.float32, torch.bfloat16):
     check_bn_stats(cb, (3, 17, 9, 9), dtype, "cpu", "nchw")
     check_bn_backward(cb, ODD_CASES[1], dtype, "cpu", "channels_last", True, True)
