@@ -44,7 +44,7 @@ def pointer(tensors, index: int, dummy: torch.Tensor):
 
 def _described(tensors) -> tuple:
     """The part of a problem's key its tensors give: shape, strides, dtype, 16-byte alignment."""
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
 
 
 _raw_stream = None
@@ -89,10 +89,11 @@ class Plan:
     fn: the ``@triton.jit`` function (its interpreted form under the interpreter); kwargs: every
     argument of ``fn`` by name, a ``Slot`` for each of the call's tensors, without the block sizes
     of the configuration; outputs: example tensors of the outputs (shapes, strides, dtypes; indexed
-    after the inputs; None for an output this problem does not have); grid: the program grid of a configuration's block sizes, (meta) -> tuple;
-    config: the ``triton.Config`` (block sizes, warps, stages), or None when ``tune`` chooses it on
-    the first call: tune(arguments by name) launches the kernel and returns the configuration;
-    keep: whether the plan may serve later calls (False for a configuration chosen as a stopgap).
+    after the inputs; None for an output this problem does not have); grid: the program grid of a
+    configuration's block sizes, (meta) -> tuple; config: the ``triton.Config`` (block sizes, warps,
+    stages), or None when ``tune`` chooses it on the first call: tune(arguments by name) launches
+    the kernel and returns the configuration; keep: whether the plan may serve later calls (False
+    for a configuration chosen as a stopgap).
     """
 
     def __init__(self, fn, kwargs: dict, outputs, grid, config=None, tune=None, keep: bool = True):
