@@ -92,6 +92,7 @@ def _conv_wgrad_impl(x, dy, weight, stride, padding, fold):
 def _conv_wgrad_bn_backward_impl(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, count, training):
     check_activation(x, "x")
     check_activation(g, "g")
+    check_activation(bn_x, "bn_x")
     with on_device_of(x):
         return _conv.conv_wgrad_bn_backward(x, g, weight, stride, padding, fold, bn_x, bn_fold, bn_sums, count,
                                             training, _tf32())
