@@ -159,6 +159,19 @@ def cuda_kernel_count(fn) -> dict:
     return {"total": sum(names.values()), "by_name": dict(names)}
 
 
+def backend_table(columns: list[str], rows: list[dict], cells) -> str:
+    """A markdown table with a row per backend: ``columns`` between "backend" and "note";
+    ``cells(row)`` gives a row's cells and its note; a row with a ``reason`` says why it cannot run."""
+    lines = ["| " + " | ".join(["backend", *columns, "note"]) + " |", "|" + " --- |" * (len(columns) + 2)]
+    for r in rows:
+        if r["reason"] is not None:
+            values, note = ["-"] * len(columns), f"cannot run: {r['reason']}"
+        else:
+            values, note = cells(r)
+        lines.append("| " + " | ".join([r["backend"], *values, note]) + " |")
+    return "\n".join(lines)
+
+
 def command_line(module: str, argv) -> str:
     """The shell command that ran benchmark ``module`` with ``argv`` (None: this process's arguments)."""
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])

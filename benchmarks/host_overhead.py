@@ -51,7 +51,7 @@ import preact_fused
 from preact_fused import backend as _backend
 from preact_fused import contract
 
-from . import RESULTS, command_line, environment, summarize, write_json_atomic
+from . import RESULTS, backend_table, command_line, environment, summarize, write_json_atomic
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 DEFAULT_OUT = RESULTS / "local" / "host_overhead.json"
@@ -203,21 +203,17 @@ def measure(backend: str, steps: int = 5, depths=(29, 1001), device=META) -> dic
 
 def table(rows: list[dict]) -> str:
     """The markdown table of ``rows`` (from ``measure``)."""
-    lines = ["| backend | step fwd+bwd (ms) | q20-q80 (ms) | forward (ms) | backward (ms) | per unit (us) "
-             "| per unit vs eager | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     eager = next((r for r in rows if r["backend"] == "eager" and r["reason"] is None), None)
-    for r in rows:
-        if r["reason"] is not None:
-            lines.append(f"| {r['backend']} | - | - | - | - | - | - | cannot run: {r['reason']} |")
-            continue
+
+    def cells(r):
         step = r["resnet1001_step_s"]
         ratio = f"{r['unit_step_s'] / eager['unit_step_s']:.2f}x" if eager else "-"
-        lines.append(f"| {r['backend']} | {step['median'] * 1e3:.1f} | {step['q20'] * 1e3:.1f}-{step['q80'] * 1e3:.1f} "
-                     f"| {r['resnet1001_forward_s']['median'] * 1e3:.1f} "
-                     f"| {r['resnet1001_backward_s']['median'] * 1e3:.1f} "
-                     f"| {r['unit_step_s'] * 1e6:.0f} | {ratio} | |")
-    return "\n".join(lines)
+        return [f"{step['median'] * 1e3:.1f}", f"{step['q20'] * 1e3:.1f}-{step['q80'] * 1e3:.1f}",
+                f"{r['resnet1001_forward_s']['median'] * 1e3:.1f}", f"{r['resnet1001_backward_s']['median'] * 1e3:.1f}",
+                f"{r['unit_step_s'] * 1e6:.0f}", ratio], ""
+
+    return backend_table(["step fwd+bwd (ms)", "q20-q80 (ms)", "forward (ms)", "backward (ms)", "per unit (us)",
+                          "per unit vs eager"], rows, cells)
 
 
 def main(argv=None) -> list[dict]:

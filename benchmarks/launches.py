@@ -78,7 +78,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import preact_fused  # noqa: E402
 from preact_fused.backend import unavailable_reason  # noqa: E402
 
-from . import RESULTS, command_line, cuda_kernel_count, environment, write_json_atomic  # noqa: E402
+from . import RESULTS, backend_table, command_line, cuda_kernel_count, environment, write_json_atomic  # noqa: E402
 
 BACKENDS = ("eager", "reference", "triton", "cuda")
 GPU_BACKENDS = ("eager", "compiled", "reference", "triton", "cuda")
@@ -453,19 +453,14 @@ def _fmt(v) -> str:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of ``rows`` (from ``measure``)."""
-    lines = ["| backend | unit fwd | unit bwd | unit fwd+bwd | fixed fwd+bwd | ResNet-1001 step (fwd+bwd) "
-             "| optimizer step (ResNet-1001) | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["reason"] is not None:
-            lines.append(f"| {r['backend']} | - | - | - | - | - | - | cannot run: {r['reason']} |")
-            continue
-        fixed = r["fixed_forward"] + r["fixed_backward"]
+    def cells(r):
         note = f"measured at 1001: {r['resnet1001_step_measured']}" if "resnet1001_step_measured" in r else ""
-        lines.append(f"| {r['backend']} | {_fmt(r['unit_forward'])} | {_fmt(r['unit_backward'])} | "
-                     f"{_fmt(r['unit_step'])} | {_fmt(fixed)} | {_fmt(r['resnet1001_step'])} | "
-                     f"{_fmt(r['resnet1001_optimizer'])} | {note} |")
-    return "\n".join(lines)
+        return [_fmt(r["unit_forward"]), _fmt(r["unit_backward"]), _fmt(r["unit_step"]),
+                _fmt(r["fixed_forward"] + r["fixed_backward"]), _fmt(r["resnet1001_step"]),
+                _fmt(r["resnet1001_optimizer"])], note
+
+    return backend_table(["unit fwd", "unit bwd", "unit fwd+bwd", "fixed fwd+bwd", "ResNet-1001 step (fwd+bwd)",
+                          "optimizer step (ResNet-1001)"], rows, cells)
 
 
 def main(argv=None) -> list[dict]:
