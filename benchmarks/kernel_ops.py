@@ -69,7 +69,7 @@ class Triple:
         roles = triple_roles(name)
         self.with_bn, self.with_residual, self.want_stats = roles["with_bn"], roles["with_residual"], roles["want_stats"]
         self.next_bn = roles["next_bn"]          # the wgrad computes the next BN's backward
-        self.own_bn_backward = ".conv1" in name  # the unit's first BN: a standalone bn_backward
+        self.own_bn_backward = roles["first_bn"]  # the unit's first BN: a standalone bn_backward
         ho = (hw + 2 * self.padding - k) // stride + 1
         cl = torch.channels_last
 

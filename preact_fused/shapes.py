@@ -40,8 +40,10 @@ RESNET1001_COUNTS = {
 def triple_roles(name: str) -> dict:
     """What the network does around a triple: a BN-ReLU before the conv (all but the stem), a
     residual added in the epilogue (a unit's last conv), the next BN's statistics emitted (all but
-    the projection shortcuts, whose output is summed into the residual stream first), and the
-    backward of the next BN computed by the conv's wgrad (conv1 and conv2: the next triple of the
-    unit reads their output; conv_wgrad_bn_backward)."""
+    the projection shortcuts, whose output is summed into the residual stream first), the backward
+    of the next BN computed by the conv's wgrad (conv1 and conv2: the next triple of the unit reads
+    their output; conv_wgrad_bn_backward), and the unit's first BN (conv1's: its backward is a
+    standalone bn_backward, which the shortcut's gradient enters)."""
+    first = ".conv1" in name
     return {"with_bn": name != "stem", "with_residual": name.endswith("conv3"),
-            "want_stats": not name.endswith("shortcut"), "next_bn": ".conv1" in name or ".conv2" in name}
+            "want_stats": not name.endswith("shortcut"), "next_bn": first or ".conv2" in name, "first_bn": first}

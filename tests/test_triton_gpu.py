@@ -15,9 +15,10 @@ import torch
 
 from backend_checks import (RESNET1001_TRIPLES, ConvCase, check_bn_backward, check_bn_fold, check_bn_stats,
                             check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
-                            check_on_second_device, check_reruns_identical, make_triple, rel_error, resnet1001_case,
+                            check_conv_wgrad_bn_backward, check_on_second_device, check_reruns_identical, make_triple, rel_error, resnet1001_case,
                             to_backend)
 from preact_fused import contract
+from preact_fused.shapes import triple_roles
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_cudnn")]
 
@@ -45,14 +46,15 @@ def no_autotune(monkeypatch):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("triple", RESNET1001_TRIPLES, ids=lambda t: t[0])
 def test_resnet1001_triple(ops, triple, batch, dtype):
-    name = triple[0]
-    case = resnet1001_case(triple, batch)
-    with_bn = name != "stem"
+    name, case, roles = triple[0], resnet1001_case(triple, batch), triple_roles(triple[0])
+    with_bn = roles["with_bn"]
     mode = "none" if not with_bn else "fold" if name.endswith("shortcut") else "update"
-    check_conv_fwd(ops, case, dtype, "cuda", "channels_last", mode, with_residual=name.endswith("conv3"),
-                   want_stats=not name.endswith("shortcut"))
+    check_conv_fwd(ops, case, dtype, "cuda", "channels_last", mode, with_residual=roles["with_residual"],
+                   want_stats=roles["want_stats"])
     check_conv_dgrad(ops, case, dtype, "cuda", "channels_last", True, with_bn=with_bn)
     check_conv_wgrad(ops, case, dtype, "cuda", "channels_last", True, with_bn=with_bn)
+    if roles["next_bn"]:
+        check_conv_wgrad_bn_backward(ops, case, dtype, "cuda", "channels_last", True)
 
 
 @pytest.mark.slow

@@ -78,10 +78,16 @@ def _bn_backward_kernel(
     tl.store(dx_ptr + rows[:, None] * C + c64, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
+def check_fold_and_sums(fold, sums, training, op: str, prefix: str = "") -> None:
+    """A clear error unless ``fold`` is [4, C] and, in training, ``sums`` [3, C] (2-D); ``prefix``
+    of the argument names in the message (``bn_`` for conv_wgrad_bn_backward's)."""
+    if fold.dim() != 2 or (training and sums.dim() != 2):
+        raise ValueError(f"{op} needs {prefix}fold [4, C] and, in training, {prefix}sums [3, C]")
+
+
 def bn_backward(g, x, fold, sums, count, training, d_residual):
     """dx [N, C, H, W] channels_last in x's dtype (contract.bn_backward); inputs in any layout."""
-    if fold.dim() != 2 or (training and sums.dim() != 2):
-        raise ValueError("bn_backward needs fold [4, C] and, in training, sums [3, C]")
+    check_fold_and_sums(fold, sums, training, "bn_backward")
     inputs = (g, x, d_residual, vector(fold), vector(sums) if training else None)
     problem = ("bn_backward", float(count), bool(training))
 

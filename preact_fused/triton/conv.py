@@ -36,8 +36,8 @@ from .. import contract
 from .common import (BN_FOLD, BN_NONE, BN_RUNNING, BN_STATS, GROUP, INTERPRET, KIND_SUMMARY, KIND_SUMS,
                      bn_fold_vectors, bn_z, buffer, cdiv, dot_precision, empty_nhwc, next_power_of_2, preact,
                      reduce_tiles, semaphores, sm_count, source_offset, strides4, tile_summary, vector, write_fold)
-from .bn_grad import bn_backward_coefficients, bn_backward_value
-from .launch import Plan, Slot, launch, pointer
+from .bn_grad import bn_backward_coefficients, bn_backward_value, check_fold_and_sums
+from .launch import Plan, launch, pointer, resolved
 
 
 # Autotuning times the configurations that fit a problem (the interpreter has a single one);
@@ -368,8 +368,7 @@ def _plan(kernel, fit, grid, kwargs, tensors, outputs, config, device) -> Plan:
                 return kernel.best_config
             return Plan(kernel.fn, kwargs, outputs, grid, tune=tune)
         if config is None:
-            named = {k: tensors[v] if type(v) is Slot else v for k, v in kwargs.items()}
-            first = (fit(kernel.configs, {}, **named) or kernel.configs)[0]
+            first = (fit(kernel.configs, {}, **resolved(kwargs, tensors)) or kernel.configs)[0]
             return Plan(kernel.fn, kwargs, outputs, grid, first, keep=not AUTOTUNE)
     return Plan(kernel.fn, kwargs, outputs, grid, config)
 
@@ -577,8 +576,7 @@ def conv_wgrad_bn_backward(x, g, weight, stride, padding, fold, bn_x, bn_fold, b
 
     g, bn_x: [N, Cout, Ho, Wo] (any layout); bn_fold: [4, Cout]; bn_sums: [3, Cout] (training).
     """
-    if bn_fold.dim() != 2 or (training and bn_sums.dim() != 2):
-        raise ValueError("conv_wgrad_bn_backward needs bn_fold [4, C] and, in training, bn_sums [3, C]")
+    check_fold_and_sums(bn_fold, bn_sums, training, "conv_wgrad_bn_backward", prefix="bn_")
     return _wgrad(x, g, weight, stride, padding, fold, (bn_x, bn_fold, bn_sums, float(count), bool(training)), tf32,
                   config)
 

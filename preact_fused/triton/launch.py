@@ -42,6 +42,11 @@ def pointer(tensors, index: int, dummy: torch.Tensor):
     return Slot(index) if t.numel() else t.new_empty(1)
 
 
+def resolved(kwargs: dict, tensors) -> dict:
+    """``kwargs`` with each Slot replaced by the call's tensor it names."""
+    return {k: tensors[v] if type(v) is Slot else v for k, v in kwargs.items()}
+
+
 def _described(tensors) -> tuple:
     """The part of a problem's key its tensors give: shape, strides, dtype, 16-byte alignment."""
     return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
@@ -116,7 +121,7 @@ class Plan:
                    for spec in self._outputs]
         tensors = (*inputs, *outputs)
         if self._tune is not None:  # the first call of the problem times the configurations
-            self._configure(self._tune({k: tensors[v] if type(v) is Slot else v for k, v in self._kwargs.items()}))
+            self._configure(self._tune(resolved(self._kwargs, tensors)))
             return outputs
         args = self._values.copy()
         for pos, index in self._slots:
