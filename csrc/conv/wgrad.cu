@@ -332,46 +332,34 @@ __global__ void __launch_bounds__(128, 4) wgrad_kernel(const WgradParams<T> p) {
     const int kh = tap / p.kw, kw = tap - kh * p.kw;
     return co * p.dw_stride[0] + ci * p.dw_stride[1] + kh * p.dw_stride[2] + kw * p.dw_stride[3];
   };
-  if (p.splits == 1) {
+  // fn(co, j, acc value) for each of this thread's accumulators inside dW.
+  auto each_output = [&](auto&& fn) {
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int j = j0 + warp * 16 + g + 8 * (i >> 1);
         const int co = n0 + nt * 8 + 2 * t4 + (i & 1);
-        if (j < p.kfwd && co < p.cout) p.dw[dw_index(co, j)] = acc[nt][i];
+        if (j < p.kfwd && co < p.cout) fn(co, j, acc[nt][i]);
       }
     }
+  };
+  if (p.splits == 1) {
+    each_output([&](int co, int j, float v) { p.dw[dw_index(co, j)] = v; });
     return;
   }
   const long long split_stride = static_cast<long long>(p.cout) * p.kfwd;
   float* out = p.partials + static_cast<long long>(split) * split_stride;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = j0 + warp * 16 + g + 8 * (i >> 1);
-      const int co = n0 + nt * 8 + 2 * t4 + (i & 1);
-      if (j < p.kfwd && co < p.cout) out[static_cast<long long>(co) * p.kfwd + j] = acc[nt][i];
-    }
-  }
+  each_output([&](int co, int j, float v) { out[static_cast<long long>(co) * p.kfwd + j] = v; });
   __shared__ int flag;
   if (!arrive_last(p.counters + blockIdx.x, p.splits, &flag)) return;
   // The last split of this tile: dW = sum of the partials in split order.
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = j0 + warp * 16 + g + 8 * (i >> 1);
-      const int co = n0 + nt * 8 + 2 * t4 + (i & 1);
-      if (j < p.kfwd && co < p.cout) {
-        const float* src = p.partials + static_cast<long long>(co) * p.kfwd + j;
-        float sum = 0.f;
-        for (int z = 0; z < p.splits; ++z) sum += load_cg(src + z * split_stride);
-        p.dw[dw_index(co, j)] = sum;
-      }
-    }
-  }
+  each_output([&](int co, int j, float) {
+    const float* src = p.partials + static_cast<long long>(co) * p.kfwd + j;
+    float sum = 0.f;
+    for (int z = 0; z < p.splits; ++z) sum += load_cg(src + z * split_stride);
+    p.dw[dw_index(co, j)] = sum;
+  });
 }
 
 static int wgrad_pixels_per_chunk(DType dtype) { return dtype == DType::kFloat32 ? 16 : 32; }
