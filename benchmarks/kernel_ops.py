@@ -67,7 +67,8 @@ class Triple:
     def __init__(self, ops, name, cin, cout, hw, k, stride, batch, dtype, device="cuda"):
         self.name, self.stride, self.padding = name, stride, k // 2
         roles = triple_roles(name)
-        self.with_bn, self.with_residual, self.want_stats = roles["with_bn"], roles["with_residual"], roles["want_stats"]
+        self.with_bn, self.with_residual = roles["with_bn"], roles["with_residual"]
+        self.want_stats = roles["want_stats"]
         self.next_bn = roles["next_bn"]          # the wgrad computes the next BN's backward
         self.own_bn_backward = roles["first_bn"]  # the unit's first BN: a standalone bn_backward
         ho = (hw + 2 * self.padding - k) // stride + 1

@@ -15,8 +15,8 @@ import torch
 
 from backend_checks import (RESNET1001_TRIPLES, ConvCase, check_bn_backward, check_bn_fold, check_bn_stats,
                             check_compiled_unit, check_conv_dgrad, check_conv_fwd, check_conv_wgrad,
-                            check_conv_wgrad_bn_backward, check_on_second_device, check_reruns_identical, make_triple, rel_error, resnet1001_case,
-                            to_backend)
+                            check_conv_wgrad_bn_backward, check_on_second_device, check_reruns_identical, make_triple,
+                            rel_error, resnet1001_case, to_backend)
 from preact_fused import contract
 from preact_fused.shapes import triple_roles
 

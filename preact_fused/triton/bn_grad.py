@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cdiv, empty_nhwc, next_power_of_2, semaphores, strides4, vector
+from .common import INTERPRET, cdiv, empty_nhwc, next_power_of_2, pixel_coordinates, semaphores, strides4, vector
 from .launch import Plan, launch, pointer
 
 _MAX_BLOCK_C, _TILE = (16, 256) if INTERPRET else (128, 4096)  # channels per program, elements per program
@@ -61,10 +61,7 @@ def _bn_backward_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows[:, None] < M) & col_ok[None, :]
-    n = rows // (H * W)
-    rem = rows - n * (H * W)
-    ih = rem // W
-    iw = rem % W
+    n, ih, iw = pixel_coordinates(rows, H, W)
     c64 = cols.to(tl.int64)[None, :]
     scale, b, c = bn_backward_coefficients(fold_ptr, sums_ptr, cols, col_ok, C, count, TRAINING)
     g = tl.load(g_ptr + (n * sg_n + ih * sg_h + iw * sg_w)[:, None] + c64 * sg_c, mask=ok, other=0.0)

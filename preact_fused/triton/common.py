@@ -231,6 +231,14 @@ def write_fold(fold_out_ptr, C, stats_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_
 # ---- tap geometry --------------------------------------------------------------------------------
 
 @triton.jit
+def pixel_coordinates(rows, H, W):
+    """(n, h, w) of flat row indices over an [N, H, W] pixel grid, in the rows' integer type."""
+    n = rows // (H * W)
+    rem = rows - n * (H * W)
+    return n, rem // W, rem % W
+
+
+@triton.jit
 def source_offset(n, oh, ow, kh, kw, row_ok, SH, SW, s_n, s_h, s_w, STRIDE: tl.constexpr, PAD: tl.constexpr,
                   TRANSPOSED: tl.constexpr):
     """The element offset (int64, channel 0) of the pixel that tap (kh, kw) reads for row (n, oh, ow).

@@ -34,8 +34,9 @@ import triton.language as tl
 
 from .. import contract
 from .common import (BN_FOLD, BN_NONE, BN_RUNNING, BN_STATS, GROUP, INTERPRET, KIND_SUMMARY, KIND_SUMS,
-                     bn_fold_vectors, bn_z, buffer, cdiv, dot_precision, empty_nhwc, next_power_of_2, preact,
-                     reduce_tiles, semaphores, sm_count, source_offset, strides4, tile_summary, vector, write_fold)
+                     bn_fold_vectors, bn_z, buffer, cdiv, dot_precision, empty_nhwc, next_power_of_2,
+                     pixel_coordinates, preact, reduce_tiles, semaphores, sm_count, source_offset, strides4,
+                     tile_summary, vector, write_fold)
 from .bn_grad import bn_backward_coefficients, bn_backward_value, check_fold_and_sums
 from .launch import Plan, launch, pointer, resolved
 
@@ -175,10 +176,7 @@ def _conv_kernel(
 
     rows32 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # M < 2^31 (_run_conv checks); offsets in int64
     row_ok = rows32 < M
-    n32 = rows32 // (OH * OW)
-    rem = rows32 - n32 * (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
+    n32, oh, ow = pixel_coordinates(rows32, OH, OW)
     n = n32.to(tl.int64)
     rows = rows32.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -290,10 +288,7 @@ def _wgrad_kernel(
     for p0 in range(start, end, BLOCK_K):
         pix = (p0 + tl.arange(0, BLOCK_K)).to(tl.int32)  # < 2^31 (conv_wgrad checks)
         pix_ok = pix < end
-        n32 = pix // (OH * OW)
-        rem = pix - n32 * (OH * OW)
-        oh = rem // OW
-        ow = rem % OW
+        n32, oh, ow = pixel_coordinates(pix, OH, OW)
         n = n32.to(tl.int64)
         src, ok = source_offset(n, oh, ow, kh, kw, pix_ok, H, W, sx_n, sx_h, sx_w, STRIDE, PAD, False)
         # A = P(x)^T [BLOCK_M (ci), BLOCK_K (pixels)], the forward's loader in transposed orientation

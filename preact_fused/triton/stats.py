@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GROUP, INTERPRET, KIND_SUMMARY, cdiv, reduce_tiles, semaphores, strides4, tile_summary, write_fold
+from .common import (GROUP, INTERPRET, KIND_SUMMARY, cdiv, pixel_coordinates, reduce_tiles, semaphores, strides4,
+                     tile_summary, write_fold)
 from .launch import Plan, launch, pointer
 
 # bn_stats: rows and channels per program (the whole tile is summarised in registers), warps.
@@ -34,9 +35,8 @@ def _bn_stats_kernel(
     t = tl.program_id(0)
     rows = t.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
-    n = rows // (H * W)
-    rem = rows - n * (H * W)
-    off = n * sx_n + (rem // W) * sx_h + (rem % W) * sx_w
+    n, h, w = pixel_coordinates(rows, H, W)
+    off = n * sx_n + h * sx_h + w * sx_w
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     v = tl.load(x_ptr + off[:, None] + cols.to(tl.int64)[None, :] * sx_c, mask=row_ok[:, None] & col_ok[None, :],
